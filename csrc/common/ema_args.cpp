@@ -1,0 +1,116 @@
+#include "ema_args.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+namespace torchutils_ext {
+namespace {
+
+std::optional<EmaKind> kind_of(at::ScalarType e, at::ScalarType m) {
+  using at::ScalarType;
+  if (e == ScalarType::Float && m == ScalarType::Float) return EmaKind::F32_F32;
+  if (e == ScalarType::Float && m == ScalarType::Half) return EmaKind::F32_F16;
+  if (e == ScalarType::Float && m == ScalarType::BFloat16) return EmaKind::F32_BF16;
+  if (e == ScalarType::Half && m == ScalarType::Half) return EmaKind::F16_F16;
+  if (e == ScalarType::BFloat16 && m == ScalarType::BFloat16) return EmaKind::BF16_BF16;
+  if (e == ScalarType::Double && m == ScalarType::Double) return EmaKind::F64_F64;
+  return std::nullopt;
+}
+
+// [first byte, one past last byte] a tensor can touch.
+std::pair<uintptr_t, uintptr_t> span(const at::Tensor& t) {
+  auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * std::abs(t.stride(d));
+  return {start, start + extent * t.element_size()};
+}
+
+}  // namespace
+
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense() && a.strides() == b.strides();
+}
+
+void check_no_overlap(at::TensorList writes, at::TensorList reads, const char* what) {
+  if (writes.empty() || writes[0].is_meta()) return;
+  std::vector<std::pair<uintptr_t, uintptr_t>> w, r;
+  for (const auto& t : writes)
+    if (t.numel()) w.push_back(span(t));
+  for (const auto& t : reads)
+    if (t.numel()) r.push_back(span(t));
+  std::sort(w.begin(), w.end());
+  for (size_t i = 1; i < w.size(); ++i)
+    TORCH_CHECK_VALUE(w[i].first >= w[i - 1].second, what, ": two output tensors overlap in memory; each must own "
+                      "its storage");
+  for (const auto& s : r) {  // first write span starting at or after s.second cannot overlap; check the one before
+    auto it = std::lower_bound(w.begin(), w.end(), std::make_pair(s.second, uintptr_t(0)));
+    if (it != w.begin()) {
+      --it;
+      TORCH_CHECK_VALUE(it->second <= s.first, what, ": an output tensor shares memory with an input tensor");
+    }
+  }
+}
+
+EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
+                       const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
+  EmaCall call;
+  TORCH_CHECK_VALUE(ema.size() == model.size(), "ema_update_: ema and model lists differ in length: ", ema.size(),
+                    " vs ", model.size());
+  TORCH_CHECK_VALUE(mode == "yolov5" || mode == "lerp", "ema_update_: mode must be 'yolov5' or 'lerp', got '",
+                    std::string(mode), "'");
+  call.lerp = mode == "lerp";
+  if (decay_tensor.has_value()) {
+    const auto& d = *decay_tensor;
+    TORCH_CHECK_TYPE(d.dim() == 0, "ema_update_: decay tensor must be 0-d, got shape ", d.sizes());
+    TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
+                     "ema_update_: decay tensor must be float32 or float64, got ", d.scalar_type());
+    TORCH_CHECK_VALUE(ema.empty() || d.device() == ema[0].device() || d.device().is_cpu(),
+                      "ema_update_: decay tensor is on ", d.device(), ", the tensors on ", ema[0].device());
+    call.decay_tensor = d;
+  } else {
+    TORCH_CHECK_VALUE(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0,
+                      "ema_update_: decay must be a finite number in [0, 1], got ", decay);
+    call.decay = decay;
+  }
+  for (size_t i = 0; i < ema.size(); ++i) {
+    const auto &e = ema[i], &m = model[i];
+    auto k = kind_of(e.scalar_type(), m.scalar_type());
+    TORCH_CHECK_TYPE(k.has_value(), "ema_update_: ema[", i, "] (", e.scalar_type(), ") with model[", i, "] (",
+                     m.scalar_type(), ") is not supported: EMA must be float32/float16/bfloat16/float64 and the "
+                     "model the same dtype, or float16/bfloat16 under a float32 EMA");
+    TORCH_CHECK_VALUE(e.sizes() == m.sizes(), "ema_update_: ema[", i, "] shape ", e.sizes(),
+                      " differs from model[", i, "] shape ", m.sizes());
+    TORCH_CHECK_VALUE(e.device() == m.device() && e.device() == ema[0].device(), "ema_update_: ema[", i, "] (",
+                      e.device(), ") and model[", i, "] (", m.device(), ") must be on the device of ema[0] (",
+                      ema[0].device(), ")");
+    call.kinds.push_back(*k);
+    (same_dense_layout(e, m) ? call.fast : call.slow).push_back(static_cast<int64_t>(i));
+  }
+  check_no_overlap(ema, model, "ema_update_");
+  return call;
+}
+
+void ema_update_aten(const at::Tensor& ema, const at::Tensor& model, const EmaCall& call) {
+  const auto op = ema.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor work = ema.scalar_type() == op ? ema : ema.to(op);
+  const at::Tensor m = model.to(op);
+  if (call.decay_tensor.has_value()) {
+    const auto d64 = call.decay_tensor->to(ema.device(), at::kDouble);
+    const auto d = d64.to(op), omd = (1 - d64).to(op);  // 1 - d in float64 first, like the seed's Python
+    if (call.lerp) {
+      work.lerp_(m, omd);
+    } else {
+      work.mul_(d).add_(m.mul(omd));
+    }
+  } else if (call.lerp) {
+    work.lerp_(m, 1.0 - call.decay);
+  } else {
+    work.mul_(call.decay).add_(m.mul(1.0 - call.decay));
+  }
+  if (!work.is_same(ema)) ema.copy_(work);
+}
+
+}  // namespace torchutils_ext

@@ -1,0 +1,86 @@
+#include "fold_args.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "ema_args.h"
+
+namespace torchutils_ext {
+
+int64_t FoldArgs::channels(size_t i) const {
+  const auto& w = weight[i];
+  return transposed_groups[i] ? w.size(1) * transposed_groups[i] : w.size(0);
+}
+
+void check_fold_args(const FoldArgs& a) {
+  const size_t n = a.weight.size();
+  const size_t sizes[] = {a.bias.size(), a.bn_weight.size(), a.bn_bias.size(), a.mean.size(), a.var.size(),
+                          a.eps.size(), a.transposed_groups.size()};
+  for (size_t s : sizes)
+    TORCH_CHECK_VALUE(s == n, "fold_conv_bn: every argument list must have one entry per weight (", n,
+                      "), one has ", s);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& w = a.weight[i];
+    TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), "fold_conv_bn: weight[", i, "] has dtype ",
+                     w.scalar_type(), "; only floating-point layers can be folded");
+    TORCH_CHECK_VALUE(w.dim() >= 2, "fold_conv_bn: weight[", i, "] must have at least 2 dims, got ", w.sizes());
+    const int64_t g = a.transposed_groups[i];
+    TORCH_CHECK_VALUE(g >= 0 && (g == 0 || w.size(0) % g == 0), "fold_conv_bn: transposed_groups[", i, "]=", g,
+                      " does not divide the ", w.size(0), " input channels");
+    const int64_t c = a.channels(i);
+    auto check_vec = [&](const std::optional<at::Tensor>& x, const char* name) {
+      if (!x.has_value()) return;
+      TORCH_CHECK_VALUE(x->dim() == 1 && x->numel() == c, "fold_conv_bn: ", name, "[", i, "] has shape ",
+                        x->sizes(), ", expected (", c, ",) output channels");
+      TORCH_CHECK_TYPE(at::isFloatingType(x->scalar_type()), "fold_conv_bn: ", name, "[", i, "] has dtype ",
+                       x->scalar_type(), "; expected floating point");
+      TORCH_CHECK_VALUE(x->device() == w.device(), "fold_conv_bn: ", name, "[", i, "] is on ", x->device(),
+                        ", weight[", i, "] on ", w.device());
+    };
+    check_vec(a.bias.get(i), "bias");
+    check_vec(a.bn_weight.get(i), "bn_weight");
+    check_vec(a.bn_bias.get(i), "bn_bias");
+    check_vec(a.mean[i], "running_mean");
+    check_vec(a.var[i], "running_var");
+    TORCH_CHECK_VALUE(std::isfinite(a.eps[i]) && a.eps[i] >= 0, "fold_conv_bn: eps[", i,
+                      "] must be finite and >= 0, got ", a.eps[i]);
+  }
+}
+
+RowLayout row_layout(const at::Tensor& w, int64_t g) {
+  if (w.numel() == 0) return {false, 0, 0, 0};
+  if (g == 0) {
+    const int64_t c = w.size(0), k = w.numel() / c;
+    // output channel outermost and each channel's K elements contiguous (contiguous or channels_last)
+    return {w.is_non_overlapping_and_dense() && (c == 1 || w.stride(0) == k), k, 1, c};
+  }
+  const int64_t cin = w.size(0), opg = w.size(1);
+  return {w.is_contiguous(), w.numel() / (cin * opg), cin / g, opg};
+}
+
+at::Tensor fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w) {
+  const auto& w = a.weight[i];
+  const auto op = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t c = a.channels(i), g = a.transposed_groups[i];
+  at::Tensor scale = (a.var[i].to(op) + a.eps[i]).sqrt().reciprocal();
+  if (auto bw = a.bn_weight.get(i)) scale = bw->to(op) * scale;
+  auto b = a.bias.get(i);
+  at::Tensor shift = (b ? b->to(op) - a.mean[i].to(op) : -a.mean[i].to(op)) * scale;
+  if (auto bb = a.bn_bias.get(i)) shift = shift + bb->to(op);
+  std::vector<int64_t> shape(w.dim(), 1);
+  at::Tensor f;
+  if (g == 0) {
+    shape[0] = c;
+    f = scale.view(shape);
+  } else {
+    const int64_t cin = w.size(0), opg = w.size(1);
+    shape[0] = cin;
+    shape[1] = opg;
+    f = scale.view({g, 1, opg}).expand({g, cin / g, opg}).reshape(shape);
+  }
+  out_w.copy_(w.to(op) * f);
+  return shift.to(w.scalar_type());
+}
+
+}  // namespace torchutils_ext

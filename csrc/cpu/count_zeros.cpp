@@ -1,0 +1,72 @@
+// CPU kernel of count_zeros: one pass over every tensor's memory, int64 totals, one 0-d result.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../common/zero_bits.h"
+
+namespace torchutils_ext {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // < 2^32, so the inner loop can count in uint32 (vectorises well)
+
+template <typename U>
+int64_t count_span(const void* p_, int64_t n, uint64_t mask64) {
+  const U* __restrict__ p = static_cast<const U*>(p_);
+  const U mask = static_cast<U>(mask64);
+  uint32_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += (p[i] & mask) == 0;
+  return c;
+}
+
+int64_t count_dispatch(const ZeroBits& z, const void* p, int64_t n) {
+  switch (z.elem_size) {
+    case 1: return count_span<uint8_t>(p, n, z.mask);
+    case 2: return count_span<uint16_t>(p, n, z.mask);
+    case 4: return count_span<uint32_t>(p, n, z.mask);
+    default: return count_span<uint64_t>(p, n, z.mask);
+  }
+}
+
+struct Work {
+  int64_t tensor, begin, end;
+};
+
+at::Tensor count_zeros_cpu(at::TensorList tensors) {
+  std::vector<Work> work;
+  std::vector<ZeroBits> bits;
+  int64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "count_zeros: tensors[", i, "] is on ", t.device(),
+                      "; the CPU kernel takes CPU tensors only");
+    bits.push_back(zero_bits(t.scalar_type()));
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    if (bits[i].supported && t.is_non_overlapping_and_dense()) {
+      // dense with positive strides: data_ptr is the lowest address and the elements fill numel slots
+      for (int64_t b = 0, n = t.numel(); b < n; b += kChunk)
+        work.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+    } else {
+      total += t.numel() - at::count_nonzero(t).item<int64_t>();
+    }
+  }
+  std::vector<int64_t> counts(work.size());
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const auto& it = work[w];
+      const auto& t = tensors[it.tensor];
+      const char* p = static_cast<const char*>(t.data_ptr()) + it.begin * t.element_size();
+      counts[w] = count_dispatch(bits[it.tensor], p, it.end - it.begin);
+    }
+  });
+  for (int64_t c : counts) total += c;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kLong));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchutils_ext, CPU, m) { m.impl("count_zeros", &count_zeros_cpu); }
+
+}  // namespace torchutils_ext

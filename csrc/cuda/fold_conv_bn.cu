@@ -1,0 +1,79 @@
+// CUDA kernel of fold_conv_bn: every layer of one weight dtype in one launch. Each element recomputes its
+// channel's BN factor (cached loads; folding is a once-per-export job), block 0 of a layer writes its bias.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "launch.h"
+#include "multi_tensor_apply.cuh"
+
+namespace torchutils_ext {
+namespace cuda {
+namespace {
+
+constexpr int CAP = 256;  // FoldEntry-sized slots that fit the 32 KB parameter limit
+
+struct FoldTable {
+  FoldEntry e[CAP];
+  int32_t block_start[CAP + 1];
+  int32_t n;
+};
+
+__device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ double ld(const double* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __half* p, int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, int64_t i, float x) { p[i] = x; }
+__device__ __forceinline__ void st(double* p, int64_t i, double x) { p[i] = x; }
+__device__ __forceinline__ void st(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
+__device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float x) { p[i] = __float2bfloat16_rn(x); }
+
+// Same operation order as the CPU kernel and fold_aten: 1 / sqrt(var + eps), then * bn_weight.
+template <typename T, typename O>
+__device__ __forceinline__ O scale_of(const FoldEntry& f, int64_t c) {
+  const O inv = O(1) / sqrt(ld(static_cast<const T*>(f.var), c) + static_cast<O>(f.eps));
+  return f.bn_w ? ld(static_cast<const T*>(f.bn_w), c) * inv : inv;
+}
+
+template <typename T, typename O>
+__global__ void __launch_bounds__(kThreads) fold_kernel(const __grid_constant__ FoldTable t) {
+  const int k = entry_of_block(t.block_start, t.n);
+  const FoldEntry& f = t.e[k];
+  const int64_t chunk = blockIdx.x - t.block_start[k];
+  if (chunk == 0) {
+    for (int64_t c = threadIdx.x; c < f.C; c += blockDim.x) {
+      O s = (f.bias ? ld(static_cast<const T*>(f.bias), c) : O(0)) - ld(static_cast<const T*>(f.mean), c);
+      s = s * scale_of<T, O>(f, c);
+      if (f.bn_b) s = s + ld(static_cast<const T*>(f.bn_b), c);
+      st(static_cast<T*>(f.out_b), c, s);
+    }
+  }
+  const int64_t start = chunk * kChunk, end = min(f.numel, start + kChunk), group = f.ipg * f.opg;
+  const T* w = static_cast<const T*>(f.w);
+  T* out = static_cast<T*>(f.out_w);
+  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+    const int64_t r = i / f.K;
+    const O scale = scale_of<T, O>(f, (r / group) * f.opg + r % f.opg);
+    st(out, i, ld(w, i) * scale);
+  }
+}
+
+template <typename T, typename O>
+void launch_typed(const FoldEntry* entries, int n, cudaStream_t stream) {
+  pack_and_launch<FoldTable, CAP>(
+      entries, n, [](FoldTable& t, int s, const FoldEntry& x) { t.e[s] = x; },
+      [&](const FoldTable& t, unsigned blocks) { fold_kernel<T, O><<<blocks, kThreads, 0, stream>>>(t); });
+}
+
+}  // namespace
+
+void launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case FoldDtype::F32: return launch_typed<float, float>(entries, n, stream);
+    case FoldDtype::F16: return launch_typed<__half, float>(entries, n, stream);
+    case FoldDtype::BF16: return launch_typed<__nv_bfloat16, float>(entries, n, stream);
+    case FoldDtype::F64: return launch_typed<double, double>(entries, n, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace torchutils_ext

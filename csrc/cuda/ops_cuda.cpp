@@ -1,0 +1,150 @@
+// CUDA registrations: validate (shared with CPU), build the plain-data tables, launch on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common/ema_args.h"
+#include "../common/fold_args.h"
+#include "../common/zero_bits.h"
+#include "launch.h"
+
+namespace torchutils_ext {
+namespace {
+
+void check_launch(const char* op) {
+  const char* err = cuda::last_launch_error();
+  TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
+}
+
+void check_cuda(at::TensorList ts, const char* op) {
+  for (size_t i = 0; i < ts.size(); ++i)
+    TORCH_CHECK_VALUE(ts[i].is_cuda(), op, ": tensor ", i, " is on ", ts[i].device(),
+                      "; the CUDA kernel takes CUDA tensors only");
+}
+
+void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
+                     const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
+  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode);
+  if (ema.empty()) return;
+  check_cuda(ema, "ema_update_");
+  const c10::cuda::CUDAGuard guard(ema[0].device());
+  cuda::EmaDecay d{nullptr, false, call.decay};
+  if (call.decay_tensor.has_value()) {
+    if (call.decay_tensor->is_cuda()) {
+      d.ptr = call.decay_tensor->data_ptr();
+      d.is_double = call.decay_tensor->scalar_type() == at::kDouble;
+    } else {
+      d.value = call.decay_tensor->item<double>();  // a CPU scalar: read on the host, no device sync
+    }
+  }
+  std::vector<cuda::EmaEntry> entries;
+  entries.reserve(call.fast.size());
+  for (int64_t i : call.fast)
+    if (ema[i].numel())
+      entries.push_back({ema[i].data_ptr(), model[i].data_ptr(), ema[i].numel(), static_cast<uint8_t>(call.kinds[i])});
+  cuda::launch_ema(entries.data(), static_cast<int>(entries.size()), d, call.lerp,
+                   c10::cuda::getCurrentCUDAStream().stream());
+  check_launch("ema_update_");
+  for (int64_t i : call.slow) ema_update_aten(ema[i], model[i], call);
+}
+
+at::Tensor count_zeros_cuda(at::TensorList tensors) {
+  check_cuda(tensors, "count_zeros");
+  TORCH_CHECK_VALUE(!tensors.empty(), "count_zeros: empty list on the CUDA kernel");
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  at::Tensor out = at::zeros({}, tensors[0].options().dtype(at::kLong));
+  std::vector<cuda::ZeroEntry> entries;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK_VALUE(t.device() == tensors[0].device(), "count_zeros: tensors[", i, "] is on ", t.device(),
+                      ", tensors[0] on ", tensors[0].device());
+    const ZeroBits z = zero_bits(t.scalar_type());
+    if (z.supported && t.is_non_overlapping_and_dense()) {
+      if (t.numel()) entries.push_back({t.data_ptr(), t.numel(), z.mask, z.elem_size});
+    } else {
+      out.add_(t.numel() - at::count_nonzero(t));
+    }
+  }
+  cuda::launch_count_zeros(entries.data(), static_cast<int>(entries.size()), out.data_ptr<int64_t>(),
+                           c10::cuda::getCurrentCUDAStream().stream());
+  check_launch("count_zeros");
+  return out;
+}
+
+std::optional<cuda::FoldDtype> fold_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::FoldDtype::F32;
+    case at::kHalf: return cuda::FoldDtype::F16;
+    case at::kBFloat16: return cuda::FoldDtype::BF16;
+    case at::kDouble: return cuda::FoldDtype::F64;
+    default: return std::nullopt;
+  }
+}
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
+
+std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w) {
+  check_cuda(a.weight, "fold_conv_bn");
+  std::vector<at::Tensor> out_b(a.weight.size());
+  if (a.weight.empty()) return out_b;
+  const c10::cuda::CUDAGuard guard(a.weight[0].device());
+  std::vector<cuda::FoldEntry> groups[4];
+  for (size_t i = 0; i < a.weight.size(); ++i) {
+    const auto& w = a.weight[i];
+    const RowLayout L = row_layout(w, a.transposed_groups[i]);
+    const auto dt = fold_dtype(w.scalar_type());
+    bool fast = L.ok && dt && (out_w[i].is_same(w) || out_w[i].strides() == w.strides()) &&
+                w.device() == a.weight[0].device();
+    // the kernel reads BN vectors as the weight's dtype, contiguous
+    std::optional<at::Tensor> vecs[] = {a.bias.get(i), a.bn_weight.get(i), a.bn_bias.get(i), a.mean[i], a.var[i]};
+    for (const auto& v : vecs)
+      fast = fast && (!v || (v->scalar_type() == w.scalar_type() && v->is_contiguous()));
+    if (!fast) {
+      out_b[i] = fold_aten(a, i, out_w[i]);
+      continue;
+    }
+    out_b[i] = at::empty({a.channels(i)}, w.options());
+    groups[static_cast<int>(*dt)].push_back({w.data_ptr(), out_w[i].data_ptr(), ptr_or_null(vecs[0]),
+                                             ptr_or_null(vecs[1]), ptr_or_null(vecs[2]), a.mean[i].data_ptr(),
+                                             a.var[i].data_ptr(), out_b[i].data_ptr(), a.eps[i], w.numel(), L.K,
+                                             L.ipg, L.opg, a.channels(i)});
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (int g = 0; g < 4; ++g)
+    if (!groups[g].empty())
+      cuda::launch_fold(groups[g].data(), static_cast<int>(groups[g].size()), static_cast<cuda::FoldDtype>(g), stream);
+  check_launch("fold_conv_bn");
+  return out_b;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fold_conv_bn_cuda(
+    at::TensorList weight, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
+    at::TensorList mean, at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
+  const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
+  check_fold_args(a);
+  std::vector<at::Tensor> out_w;
+  for (const auto& w : weight) out_w.push_back(at::empty_like(w));
+  auto out_b = fold_into(a, out_w);
+  return {out_w, out_b};
+}
+
+std::vector<at::Tensor> fold_conv_bn_inplace_cuda(
+    at::TensorList weight, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
+    at::TensorList mean, at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
+  const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
+  check_fold_args(a);
+  check_no_overlap(weight, {}, "fold_conv_bn_");
+  return fold_into(a, weight.vec());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchutils_ext, CUDA, m) {
+  m.impl("ema_update_", &ema_update_cuda);
+  m.impl("count_zeros", &count_zeros_cuda);
+  m.impl("fold_conv_bn", &fold_conv_bn_cuda);
+  m.impl("fold_conv_bn_", &fold_conv_bn_inplace_cuda);
+}
+
+}  // namespace torchutils_ext

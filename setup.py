@@ -1,0 +1,104 @@
+"""Build torchutils_ext: CPU kernels always, CUDA kernels when a CUDA torch and nvcc are found.
+
+Environment:
+  TORCHUTILS_EXT_NO_EXT=1   install the pure-torch package only (no compiler needed)
+  TORCHUTILS_EXT_CUDA=0|1   force the CUDA kernels off / on (on = fail loudly if they cannot be built)
+  TORCH_CUDA_ARCH_LIST      GPU archs to build for (default: the visible GPU's, else "8.0;9.0")
+  CUDA_HOME                 CUDA toolkit root (default: found from the real nvcc, or /usr/local/cuda)
+Always install with --no-build-isolation: the build must use the torch that will import the extension.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_EXT = os.environ.get('TORCHUTILS_EXT_NO_EXT', '0') == '1'
+
+
+def _find_cuda_home():
+    """CUDA_HOME, or the toolkit root; `nvcc` on PATH may be a wrapper script, so look at standard folders too."""
+    if os.environ.get('CUDA_HOME'):
+        return os.environ['CUDA_HOME']
+    candidates = ['/usr/local/cuda'] + sorted(glob.glob('/usr/local/cuda-*'), reverse=True)
+    nvcc = shutil.which('nvcc')
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in candidates:
+        if os.path.exists(os.path.join(c, 'bin', 'nvcc')) and os.path.isdir(os.path.join(c, 'include')):
+            return c
+    return None
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if NO_EXT:
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit('torchutils_ext: building the compiled ops needs torch installed first (pip install torch, then '
+                 'pip install --no-build-isolation .), or set TORCHUTILS_EXT_NO_EXT=1 for the pure-torch package.')
+    if shutil.which(os.environ.get('CXX', 'c++')) is None:
+        sys.exit('torchutils_ext: no C++ compiler found. Install one (e.g. apt-get install g++), or set '
+                 'TORCHUTILS_EXT_NO_EXT=1 to install the pure-torch package without compiled ops.')
+
+    want_cuda = os.environ.get('TORCHUTILS_EXT_CUDA')
+    cuda_home = _find_cuda_home() if torch.version.cuda else None
+    use_cuda = bool(torch.version.cuda and cuda_home) if want_cuda is None else want_cuda == '1'
+    if use_cuda and not (torch.version.cuda and cuda_home):
+        sys.exit('torchutils_ext: TORCHUTILS_EXT_CUDA=1 but ' +
+                 ('this torch is a CPU build' if not torch.version.cuda else 'no CUDA toolkit (nvcc) was found'))
+
+    # torch picks the C++ standard (17 or 20 by version). -ffp-contract=off keeps the "yolov5" EMA mode bit-exact (no FMA); -g0 halves compile time.
+    cxx = ['-O3', '-g0', '-ffp-contract=off', '-fno-math-errno']
+    srcs = _sources('csrc/ops.cpp') + _sources('csrc/common/*.cpp') + _sources('csrc/cpu/*.cpp')
+    include_dirs = [os.path.join(ROOT, 'csrc')]
+    build_info = {'cuda': use_cuda, 'torch_built_with': torch.__version__, 'cuda_version': torch.version.cuda
+                  if use_cuda else None, 'cuda_arch_list': None}
+    if not use_cuda:
+        ext = cpp_extension.CppExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
+                                         extra_compile_args={'cxx': cxx})
+        return [ext], build_info
+
+    os.environ['CUDA_HOME'] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home  # torch resolved it at import time, possibly from the nvcc wrapper
+    if not os.environ.get('TORCH_CUDA_ARCH_LIST'):
+        if torch.cuda.is_available():
+            archs = sorted({'%d.%d' % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
+        else:  # no GPU visible: torch would crash guessing; build for A100 and H100 class GPUs
+            os.environ['TORCH_CUDA_ARCH_LIST'] = '8.0;9.0'
+    build_info['cuda_arch_list'] = os.environ['TORCH_CUDA_ARCH_LIST']
+    # The cu13 torch wheels ship CUDA math headers that ATen's CUDA headers include.
+    for site in sys.path:
+        inc = os.path.join(site, 'nvidia', 'cu13', 'include')
+        if os.path.isdir(inc):
+            include_dirs.append(inc)
+    srcs += _sources('csrc/cuda/*.cpp') + _sources('csrc/cuda/*.cu')
+    nvcc = ['-O3', '--fmad=false', '-lineinfo', '--expt-relaxed-constexpr']
+    ext = cpp_extension.CUDAExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
+                                      define_macros=[('TORCHUTILS_EXT_WITH_CUDA', '1')],
+                                      extra_compile_args={'cxx': cxx, 'nvcc': nvcc})
+    return [ext], build_info
+
+
+def _write_build_info(info):
+    with open(os.path.join(ROOT, 'torchutils_ext', '_build_info.py'), 'w') as f:
+        f.write('# Written by setup.py at build time.\nBUILD_INFO = %r\n' % (info,))
+
+
+exts, info = _extensions()
+cmdclass = {}
+if exts:
+    from torch.utils.cpp_extension import BuildExtension
+    _write_build_info(info)
+    cmdclass['build_ext'] = BuildExtension.with_options(use_ninja=shutil.which('ninja') is not None)
+
+setup(ext_modules=exts, cmdclass=cmdclass)

@@ -1,0 +1,34 @@
+import os
+import sys
+
+import pytest
+import torch
+
+import torchutils_ext
+from torchutils_ext import _ops
+
+# The YOLOv5-shaped model builder lives with the benchmarks; tests build the same nets.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+
+torch.set_num_threads(1)  # this 2-vCPU machine stalls under 2 busy threads
+
+BACKENDS = ['torch', 'ext']
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run a test through the pure-torch path and through the compiled op."""
+    if request.param == 'ext' and not _ops.COMPILED:
+        pytest.skip(f'compiled ops not built: {_ops._LOAD_ERROR}')
+    with torchutils_ext.use_backend(request.param):
+        yield request.param
+
+
+def snapshot(tensors):
+    return [t.detach().clone() for t in tensors]
+
+
+def assert_untouched(before, after):
+    for b, a in zip(before, after):
+        assert torch.equal(b, a.detach()), 'a tensor was modified by a call that raised'

@@ -1,0 +1,182 @@
+"""ema_update_: seed bit-parity, mixed dtypes vs float64, lerp, strides, tensor decay, opcheck, bad input."""
+import math
+
+import pytest
+import torch
+from conftest import assert_untouched, snapshot
+
+from torchutils_ext import _ops, _reference
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+def seed_step(v, m, d):
+    """The seed's update, verbatim in spirit: v *= d; v += (1 - d) * m (fp32 tensors, Python float d)."""
+    v *= d
+    v += (1 - d) * m
+
+
+def make(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+
+SHAPES = [(3,), (17, 5), (64, 32, 3, 3), (1,), (1000,), (2, 3, 4, 5), (70001,)]
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.5, 0.9999, 1.0, 0.123456789])
+def test_yolov5_mode_is_bit_identical_to_seed(backend, decay):
+    ema, model = make(SHAPES, seed=1), make(SHAPES, seed=2)
+    ref = snapshot(ema)
+    for v, m in zip(ref, model):
+        seed_step(v, m, decay)
+    _ops.ema_update_(ema, model, decay)
+    for r, e in zip(ref, ema):
+        assert torch.equal(r, e)
+
+
+def test_many_steps_stay_bit_identical(backend):
+    ema, model = make(SHAPES[:4], seed=3), make(SHAPES[:4], seed=4)
+    ref = snapshot(ema)
+    for step in range(1, 30):
+        d = 0.9999 * (1 - math.exp(-step / 2000))
+        for m in model:
+            m.add_(0.01)
+        for v, m in zip(ref, model):
+            seed_step(v, m, d)
+        _ops.ema_update_(ema, model, d)
+    assert all(torch.equal(r, e) for r, e in zip(ref, ema))
+
+
+@pytest.mark.parametrize('edt,mdt', [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                     (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                     (torch.float64, torch.float64)])
+@pytest.mark.parametrize('mode', ['yolov5', 'lerp'])
+def test_mixed_dtypes_against_float64(backend, edt, mdt, mode):
+    ema, model = make(SHAPES, edt, 5), make(SHAPES, mdt, 6)
+    d = 0.75
+    ref = [e.double() * d + (1 - d) * m.double() for e, m in zip(ema, model)]
+    _ops.ema_update_(ema, model, d, mode=mode)
+    # math in fp32 (fp64 for fp64) then one rounding to the EMA dtype
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-14}[edt]
+    for r, e in zip(ref, ema):
+        assert e.dtype == edt
+        torch.testing.assert_close(e.double(), r, rtol=tol, atol=tol)
+
+
+def test_both_backends_agree_bitwise_on_mixed_dtypes():
+    if not _ops.COMPILED:
+        pytest.skip('compiled ops not built')
+    for edt, mdt in [(torch.float32, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float16)]:
+        a, model = make(SHAPES, edt, 7), make(SHAPES, mdt, 8)
+        b = snapshot(a)
+        torch.ops.torchutils_ext.ema_update_(a, model, 0.9, None, 'yolov5')
+        _reference.ema_update_(b, model, 0.9, None, 'yolov5')
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), (edt, mdt)
+
+
+def test_lerp_mode_matches_torch_lerp(backend):
+    ema, model = make(SHAPES, seed=9), make(SHAPES, seed=10)
+    for d in (0.3, 0.9999):
+        ref = [torch.lerp(e, m, 1 - d) for e, m in zip(ema, model)]
+        _ops.ema_update_(ema, model, d, mode='lerp')
+        for r, e in zip(ref, ema):
+            torch.testing.assert_close(e, r, rtol=2e-7, atol=1e-7)
+
+
+def test_non_contiguous_and_channels_last(backend):
+    base_e, base_m = torch.randn(8, 6, 5, 4), torch.randn(8, 6, 5, 4)
+    cases = [
+        (base_e.clone()[:, ::2], base_m.clone()[:, ::2]),  # strided views
+        (base_e.clone().transpose(0, 1), base_m.clone().transpose(0, 1)),  # permuted, dense
+        (base_e.clone().contiguous(memory_format=torch.channels_last),
+         base_m.clone().contiguous(memory_format=torch.channels_last)),
+        (base_e.clone().contiguous(memory_format=torch.channels_last), base_m.clone()),  # layouts differ
+    ]
+    for e, m in cases:
+        ref = e.clone()
+        seed_step(ref, m, 0.6)
+        _ops.ema_update_([e], [m], 0.6)
+        assert torch.equal(e, ref)
+
+
+def test_decay_as_tensor_matches_float(backend):
+    ema, model = make(SHAPES, seed=11), make(SHAPES, seed=12)
+    ema2 = snapshot(ema)
+    for dt in (torch.float32, torch.float64):
+        d = torch.tensor(0.8125, dtype=dt)
+        _ops.ema_update_(ema, model, d)
+        _ops.ema_update_(ema2, model, 0.8125)
+        assert all(torch.equal(a, b) for a, b in zip(ema, ema2))
+
+
+def test_empty_list_and_empty_tensor(backend):
+    _ops.ema_update_([], [], 0.5)
+    e, m = torch.empty(0, 3), torch.empty(0, 3)
+    _ops.ema_update_([e], [m], 0.5)
+    assert e.shape == (0, 3)
+
+
+BAD = [
+    ('lengths', lambda e, m: ([e[0]], m), {}, ValueError),
+    ('shape', lambda e, m: (e, [m[0], m[1].reshape(-1)]), {}, ValueError),
+    ('int dtype', lambda e, m: ([e[0], e[1].long()], m), {}, TypeError),
+    ('bool dtype', lambda e, m: (e, [m[0], m[1].bool()]), {}, TypeError),
+    ('complex', lambda e, m: ([e[0], torch.zeros(4, 3, dtype=torch.complex64)], m), {}, TypeError),
+    ('fp16 ema, fp32 model', lambda e, m: ([e[0], e[1].half()], m), {}, TypeError),
+    ('aliased', lambda e, m: (e, [m[0], e[1]]), {}, ValueError),
+    ('overlapping ema', lambda e, m: ([e[1][0], e[1][0]], [m[1][0], m[1][1]]), {}, ValueError),
+    ('not a list', lambda e, m: (e[0], m[0]), {}, TypeError),
+    ('meta mix', lambda e, m: (e, [m[0], m[1].to('meta')]), {}, ValueError),
+]
+
+
+@pytest.mark.parametrize('name,mutate,kw,exc', BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_and_leaves_tensors_untouched(backend, name, mutate, kw, exc):
+    e, m = make([(5,), (4, 3)], seed=13), make([(5,), (4, 3)], seed=14)
+    before_e, before_m = snapshot(e), snapshot(m)
+    ea, ma = mutate(e, m)
+    with pytest.raises(exc):
+        _ops.ema_update_(ea, ma, 0.5)
+    assert_untouched(before_e, e)
+    assert_untouched(before_m, m)
+
+
+@pytest.mark.parametrize('decay,exc', [(-0.1, ValueError), (1.5, ValueError), (float('nan'), ValueError),
+                                       (float('inf'), ValueError), ('0.5', TypeError)])
+def test_bad_decay_and_mode(backend, decay, exc):
+    e, m = make([(5,)], seed=15), make([(5,)], seed=16)
+    before = snapshot(e)
+    with pytest.raises(exc):
+        _ops.ema_update_(e, m, decay)
+    with pytest.raises(ValueError, match='mode'):
+        _ops.ema_update_(e, m, 0.5, mode='ema')
+    with pytest.raises(TypeError):
+        _ops.ema_update_(e, m, torch.tensor([0.5, 0.5]))
+    assert_untouched(before, e)
+
+
+def test_opcheck():
+    if not _ops.COMPILED:
+        pytest.skip('compiled ops not built')
+    op = torch.ops.torchutils_ext.ema_update_.default
+    e, m = make([(5,), (4, 3)], seed=17), make([(5,), (4, 3)], seed=18)
+    torch.library.opcheck(op, (e, m, 0.9, None, 'yolov5'))
+    torch.library.opcheck(op, (e, [x.bfloat16() for x in m], 0.5, None, 'lerp'))
+    torch.library.opcheck(op, (e, m, 0.0, torch.tensor(0.7), 'yolov5'))
+
+
+def test_fullgraph_compile_has_no_graph_break():
+    if not _ops.COMPILED:
+        pytest.skip('compiled ops not built')
+    e, m = make([(5,), (4, 3)], seed=19), make([(5,), (4, 3)], seed=20)
+    ref = snapshot(e)
+    for v, x in zip(ref, m):
+        seed_step(v, x, 0.9)
+
+    @torch.compile(fullgraph=True, backend='eager')
+    def step(ema, model):
+        torch.ops.torchutils_ext.ema_update_(ema, model, 0.9, None, 'yolov5')
+
+    step(e, m)
+    assert all(torch.equal(a, b) for a, b in zip(ref, e))

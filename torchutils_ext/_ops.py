@@ -1,0 +1,154 @@
+"""Loads the compiled ops, registers their fake kernels, and picks a backend per call.
+
+Backend per call: the compiled op when the library loaded and has a kernel for the tensors' device, else the
+pure-torch twin in ``_reference``. ``TORCHUTILS_EXT_BACKEND=auto|ext|torch`` (or ``set_backend``/``use_backend``)
+forces it; ``ext`` raises when the compiled op cannot serve.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from . import _reference
+
+OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
+BACKENDS = ('auto', 'ext', 'torch')
+
+try:
+    from . import _C  # noqa: F401  (importing registers the ops with the dispatcher)
+    _LOAD_ERROR = None
+except ImportError as e:  # pure-torch install, or a build for another torch
+    _C = None
+    _LOAD_ERROR = str(e)
+
+COMPILED = _C is not None
+_lib = torch.ops.torchutils_ext if COMPILED else None
+
+
+def _check_backend(name):
+    if name not in BACKENDS:
+        raise ValueError(f'backend must be one of {BACKENDS}, got {name!r}')
+    return name
+
+
+_backend = _check_backend(os.environ.get('TORCHUTILS_EXT_BACKEND', 'auto').strip().lower() or 'auto')
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Force 'ext' or 'torch' for every op ('auto' restores the default). Returns the previous setting."""
+    global _backend
+    prev, _backend = _backend, _check_backend(name)
+    return prev
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    prev = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    if not COMPILED:
+        return False
+    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f'torchutils_ext::{op}', key)
+
+
+def use_ext(op: str, device: torch.device | str) -> bool:
+    device_type = torch.device(device).type
+    if _backend == 'torch':
+        return False
+    ok = _has_kernel(op, device_type)
+    if _backend == 'ext' and not ok:
+        why = _LOAD_ERROR or f'no {device_type} kernel was built'
+        raise RuntimeError(f'TORCHUTILS_EXT_BACKEND=ext but the compiled {op} cannot serve {device_type}: {why}')
+    return ok
+
+
+def backend_info() -> dict:
+    """What was built, and which path each op takes per device type."""
+    info = {'compiled': COMPILED, 'load_error': _LOAD_ERROR, 'backend': _backend, 'torch': torch.__version__,
+            'torch_cuda': torch.version.cuda, 'cuda_compiled': COMPILED and _has_kernel('ema_update_', 'cuda')}
+    if COMPILED:
+        from ._build_info import BUILD_INFO
+        info['build'] = dict(BUILD_INFO)
+    info['ops'] = {op: {dev: ('ext' if _has_kernel(op, dev) and _backend != 'torch' else 'torch')
+                        for dev in ('cpu', 'cuda')} for op in OPS}
+    return info
+
+
+if COMPILED:
+    @torch.library.register_fake('torchutils_ext::ema_update_')
+    def _ema_fake(ema, model, decay, decay_tensor=None, formula='yolov5'):
+        # what can be checked without data: the compiled kernels check the rest
+        if len(ema) != len(model):
+            raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
+        for i, (e, m) in enumerate(zip(ema, model)):
+            if e.shape != m.shape or e.device != m.device or e.device != ema[0].device:
+                raise ValueError(f'ema[{i}] and model[{i}] differ in shape or device')
+        return None
+
+    @torch.library.register_fake('torchutils_ext::count_zeros')
+    def _count_fake(tensors):
+        device = tensors[0].device if len(tensors) else torch.device('cpu')
+        return torch.empty((), dtype=torch.int64, device=device)
+
+    def _fold_bias_fake(weight, transposed_groups):
+        return [w.new_empty(w.shape[1] * g if g else w.shape[0]) for w, g in zip(weight, transposed_groups)]
+
+    @torch.library.register_fake('torchutils_ext::fold_conv_bn')
+    def _fold_fake(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
+        return [torch.empty_like(w) for w in weight], _fold_bias_fake(weight, transposed_groups)
+
+    @torch.library.register_fake('torchutils_ext::fold_conv_bn_')
+    def _fold_inplace_fake(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
+        return _fold_bias_fake(weight, transposed_groups)
+
+
+def _device_of(tensors, default='cpu'):
+    return tensors[0].device if len(tensors) else torch.device(default)
+
+
+def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
+    """In-place EMA over matching tensor lists; ``decay`` is a float or a 0-d tensor (no host sync)."""
+    decay_tensor = decay if isinstance(decay, torch.Tensor) else None
+    d = 0.0 if decay_tensor is not None else decay
+    if not isinstance(ema, (list, tuple)) or not isinstance(model, (list, tuple)):
+        raise TypeError('ema_update_ takes lists of tensors for ema and model')
+    if decay_tensor is None and (not isinstance(d, (int, float)) or isinstance(d, bool)):
+        raise TypeError(f'decay must be a float or a 0-d tensor, got {type(d).__name__}')
+    with torch.no_grad():
+        if len(ema) and use_ext('ema_update_', _device_of(ema)):  # an empty list has no device to dispatch on
+            _lib.ema_update_(ema, model, d, decay_tensor, mode)
+        else:
+            _reference.ema_update_(ema, model, d, decay_tensor, mode)
+
+
+def count_zeros(tensors) -> torch.Tensor:
+    tensors = list(tensors)
+    if tensors and use_ext('count_zeros', _device_of(tensors)):
+        return _lib.count_zeros(tensors)
+    return _reference.count_zeros(tensors)
+
+
+def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups, inplace=False):
+    """Fold BN into conv/linear weights for many layers in one call. Returns (weights, biases)."""
+    eps = [float(e) for e in eps]
+    transposed_groups = [int(g) for g in transposed_groups]
+    with torch.no_grad():
+        if len(weight) and use_ext('fold_conv_bn', _device_of(weight)):
+            args = (weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
+            if inplace:
+                return list(weight), _lib.fold_conv_bn_(*args)
+            return _lib.fold_conv_bn(*args)
+        return _reference.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
+                                       inplace=inplace)

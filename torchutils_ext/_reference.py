@@ -1,0 +1,113 @@
+"""Pure-torch twins of the compiled ops: the fallback on CPU/MPS/any device, and the tests' second opinion.
+
+Each function has the same contract and numerics as its compiled op (same rounding steps, no FMA), built on
+the fastest torch primitives (``torch._foreach_*``, broadcasting, ``count_nonzero``).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ._validate import check_ema_args, check_fold_args
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _decay_pair(decay, decay_tensor):
+    """(d, 1 - d) as the kernels use them: 1 - d is formed in float64 before rounding, like the seed's Python."""
+    if decay_tensor is None:
+        return decay, 1.0 - decay
+    d64 = decay_tensor.detach().to(torch.float64)
+    return d64, 1.0 - d64
+
+
+def ema_update_(ema, model, decay: float = 0.0, decay_tensor=None, mode: str = 'yolov5') -> None:
+    """ema[i] = decay * ema[i] + (1 - decay) * model[i], in place, math in fp32 (fp64 for fp64 EMA).
+
+    mode 'yolov5': ``v *= d; v += (1 - d) * m`` with each product and the sum rounded once (no FMA).
+    mode 'lerp': ``torch.lerp(v, m, 1 - d)``.
+    """
+    check_ema_args(ema, model, decay, decay_tensor, mode)
+    if not ema:
+        return
+    groups = defaultdict(list)
+    for e, m in zip(ema, model):
+        groups[(e.device, e.dtype, m.dtype)].append((e, m))
+    d, omd = _decay_pair(decay, decay_tensor)
+    for (device, edt, mdt), pairs in groups.items():
+        op = _opmath(edt)
+        es = [e for e, _ in pairs]
+        ms = [m.to(op) for _, m in pairs] if mdt != op else [m for _, m in pairs]
+        work = [e.to(op) for e in es] if edt != op else es
+        dd, oo = d, omd
+        if isinstance(d, torch.Tensor):
+            dd, oo = d.to(device=device, dtype=op), omd.to(device=device, dtype=op)
+        if mode == 'yolov5':
+            tmp = torch._foreach_mul(ms, oo)
+            torch._foreach_mul_(work, dd)
+            torch._foreach_add_(work, tmp)
+        else:
+            torch._foreach_lerp_(work, ms, oo if not isinstance(oo, torch.Tensor) else [oo] * len(ms))
+        if work is not es:
+            torch._foreach_copy_(es, work)
+
+
+def count_zeros(tensors) -> torch.Tensor:
+    """Number of elements equal to zero over all tensors, as an int64 0-d tensor (one host read by the caller)."""
+    tensors = list(tensors)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f'count_zeros expects a list of tensors, got {type(t).__name__}')
+    if not tensors:
+        return torch.zeros((), dtype=torch.int64)
+    device = tensors[0].device
+    total = sum(t.numel() for t in tensors)
+    nonzero = torch.stack([torch.count_nonzero(t).to(device) for t in tensors]).sum()
+    return (total - nonzero).to(torch.int64)
+
+
+def bn_scale_shift(bn_weight, bn_bias, mean, var, eps, bias, opmath):
+    """Per-output-channel (scale, new bias) of folding BN into the preceding layer, in opmath."""
+    inv = (var.to(opmath) + eps).sqrt().reciprocal()  # correctly rounded, like the kernels
+    scale = inv if bn_weight is None else bn_weight.to(opmath) * inv
+    b = -mean.to(opmath) if bias is None else bias.to(opmath) - mean.to(opmath)
+    shift = b * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(opmath)
+    return scale, shift
+
+
+def channel_factor(scale, weight, transposed_groups: int):
+    """Shape ``scale`` (one value per output channel) to broadcast over ``weight``.
+
+    Conv/Linear weights hold output channels on axis 0. ConvTranspose weights are (in, out/groups, *k):
+    output channel of element (i, j) is (i // (in/groups)) * (out/groups) + j.
+    """
+    tail = (1,) * (weight.dim() - 1)
+    if transposed_groups == 0:
+        return scale.view(-1, *tail)
+    g = transposed_groups
+    cin, opg = weight.shape[0], weight.shape[1]
+    f = scale.view(g, 1, opg).expand(g, cin // g, opg).reshape(cin, opg)
+    return f.view(cin, opg, *tail[1:])
+
+
+def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups, inplace=False):
+    """Fold each BN into its conv: returns (weights, biases). With inplace=True the weights are overwritten."""
+    check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
+    out_w, out_b = [], []
+    for i, w in enumerate(weight):
+        op = _opmath(w.dtype)
+        scale, shift = bn_scale_shift(bn_weight[i], bn_bias[i], mean[i], var[i], eps[i], bias[i], op)
+        f = channel_factor(scale, w, transposed_groups[i])
+        if inplace:
+            out_w.append(w.copy_(w.to(op) * f))
+        else:
+            out_w.append((w.to(op) * f).to(w.dtype))
+        out_b.append(shift.to(w.dtype))
+    return out_w, out_b

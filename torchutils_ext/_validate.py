@@ -1,0 +1,110 @@
+"""Argument checks shared by the pure-torch path; the compiled ops check the same things in C++.
+
+Everything is validated before anything is written, so a bad call leaves every tensor untouched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+EMA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MODES = ('yolov5', 'lerp')
+
+
+def _tensor_list(name, xs, allow_none=False):
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f'{name} must be a list of tensors, got {type(xs).__name__}')
+    for i, x in enumerate(xs):
+        if x is None and allow_none:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'{name}[{i}] must be a tensor, got {type(x).__name__}')
+    return list(xs)
+
+
+def _span(t):
+    """[start, end) bytes of storage a tensor can touch (conservative for strided views)."""
+    if t.numel() == 0:
+        return None
+    start = t.data_ptr()
+    extent = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def _overlaps(spans):
+    spans = sorted(s for s in spans if s is not None)
+    return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def check_ema_args(ema, model, decay, decay_tensor, mode):
+    ema = _tensor_list('ema', ema)
+    model = _tensor_list('model', model)
+    if len(ema) != len(model):
+        raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if decay_tensor is None:
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool):
+            raise TypeError(f'decay must be a float, got {type(decay).__name__}')
+        if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
+            raise ValueError(f'decay must be a finite number in [0, 1], got {decay}')
+    else:
+        if not isinstance(decay_tensor, torch.Tensor) or decay_tensor.dim() != 0:
+            raise TypeError('decay tensor must be a 0-d tensor')
+        if decay_tensor.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f'decay tensor must be float32 or float64, got {decay_tensor.dtype}')
+    for i, (e, m) in enumerate(zip(ema, model)):
+        if e.dtype not in EMA_DTYPES:
+            raise TypeError(f'ema[{i}] has dtype {e.dtype}; EMA tensors must be float32/float16/bfloat16/float64')
+        if not (m.dtype == e.dtype or (e.dtype == torch.float32 and m.dtype in (torch.float16, torch.bfloat16))):
+            raise TypeError(f'model[{i}] dtype {m.dtype} does not fit ema[{i}] dtype {e.dtype} '
+                            '(same dtype, or float32 EMA with a float16/bfloat16 model)')
+        if e.shape != m.shape:
+            raise ValueError(f'ema[{i}] shape {tuple(e.shape)} differs from model[{i}] shape {tuple(m.shape)}')
+        if e.device != m.device or e.device != ema[0].device:
+            raise ValueError(f'ema[{i}] ({e.device}) and model[{i}] ({m.device}) must be on one device, '
+                             f'the device of ema[0] ({ema[0].device})')
+    if decay_tensor is not None and ema and decay_tensor.device != ema[0].device and decay_tensor.device.type != 'cpu':
+        raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
+    if ema and ema[0].device.type != 'meta':
+        es = [_span(e) for e in ema]
+        if _overlaps(es):
+            raise ValueError('ema tensors overlap in memory: each EMA tensor must own its storage')
+        ms = sorted(s for s in (_span(m) for m in model) if s is not None)
+        for s in es:
+            if s is not None and any(a < s[1] and s[0] < b for a, b in ms):
+                raise ValueError('an ema tensor shares memory with a model tensor')
+
+
+def check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
+    weight = _tensor_list('weight', weight)
+    lists = {'bias': _tensor_list('bias', bias, True), 'bn_weight': _tensor_list('bn_weight', bn_weight, True),
+             'bn_bias': _tensor_list('bn_bias', bn_bias, True), 'running_mean': _tensor_list('running_mean', mean),
+             'running_var': _tensor_list('running_var', var)}
+    n = len(weight)
+    for name, xs in [*lists.items(), ('eps', eps), ('transposed_groups', transposed_groups)]:
+        if len(xs) != n:
+            raise ValueError(f'{name} has {len(xs)} entries, weight has {n}')
+    for i, w in enumerate(weight):
+        if not w.is_floating_point():
+            raise TypeError(f'weight[{i}] has dtype {w.dtype}; only floating-point layers can be folded')
+        if w.dim() < 2:
+            raise ValueError(f'weight[{i}] must have at least 2 dims, got shape {tuple(w.shape)}')
+        g = transposed_groups[i]
+        if g < 0 or (g and w.shape[0] % g):
+            raise ValueError(f'transposed_groups[{i}]={g} does not divide the {w.shape[0]} input channels')
+        c = w.shape[1] * g if g else w.shape[0]
+        for name, xs in lists.items():
+            x = xs[i]
+            if x is None:
+                continue
+            if x.dim() != 1 or x.numel() != c:
+                raise ValueError(f'{name}[{i}] has shape {tuple(x.shape)}, expected ({c},) output channels')
+            if not x.is_floating_point():
+                raise TypeError(f'{name}[{i}] has dtype {x.dtype}; expected floating point')
+            if x.device != w.device:
+                raise ValueError(f'{name}[{i}] is on {x.device}, weight[{i}] on {w.device}')
+        e = eps[i]
+        if not (math.isfinite(e) and e >= 0):
+            raise ValueError(f'eps[{i}] must be finite and >= 0, got {e}')

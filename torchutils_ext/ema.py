@@ -1,0 +1,121 @@
+"""ModelEMA: the seed's exponential moving average of a model, updated by one fused op per device.
+
+The seed walks ``state_dict()`` and issues two kernels per tensor every step. Here the tensor lists are built
+once; each update checks (in C-level loops) that every tensor is still the one its module holds, rebuilds the
+lists when a module was moved/cast/replaced, and hands all floating tensors to ``ema_update_`` in one call.
+"""
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from operator import getitem, is_
+
+import torch
+import torch.nn as nn
+
+from ._ops import ema_update_
+from .distributed import de_parallel
+from .training import copy_attr
+
+
+def _state_slots(module: nn.Module):
+    """{state_dict key: (container dict, slot name)} for every parameter and persistent buffer, like state_dict."""
+    slots = {}
+    for prefix, m in module.named_modules():
+        pre = prefix + '.' if prefix else ''
+        for name, p in m._parameters.items():
+            if p is not None:
+                slots[pre + name] = (m._parameters, name)
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                slots[pre + name] = (m._buffers, name)
+    return slots
+
+
+class _Plan:
+    """Tensor lists for one (ema module, model module) pair, grouped by device, plus what proves them current."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module):
+        self.ema_module, self.model_module = ema, model
+        es, ms = _state_slots(ema), _state_slots(model)
+        missing = [k for k in es if k not in ms]
+        if missing:
+            raise ValueError(f'model has no entry for EMA state {missing[:5]}: the model and its EMA differ in '
+                             'structure (was one of them fused or modified?)')
+        self.dicts, self.keys, self.tensors = [], [], []
+        groups, self.ints = {}, ([], [])
+        seen = set()
+        for k, (ed, en) in es.items():
+            md, mn = ms[k]
+            e, m = ed[en], md[mn]
+            for d, n, t in ((ed, en, e), (md, mn, m)):
+                self.dicts.append(d)
+                self.keys.append(n)
+                self.tensors.append(t)
+            if id(e) in seen:  # tied weights: update the shared tensor once
+                continue
+            seen.add(id(e))
+            if e.dtype.is_floating_point:
+                g = groups.setdefault(e.device, ([], []))
+                g[0].append(e)
+                g[1].append(m)
+            else:
+                self.ints[0].append(e)
+                self.ints[1].append(m)
+        # Parameters (not .detach() views) go in the lists: .to()/.half() swap their data in place, and the
+        # lists must follow. Replaced buffers or parameters fail current() and rebuild the plan.
+        self.groups = list(groups.values())
+
+    def current(self, ema: nn.Module, model: nn.Module) -> bool:
+        return (ema is self.ema_module and model is self.model_module
+                and all(map(is_, map(getitem, self.dicts, self.keys), self.tensors)))
+
+
+class ModelEMA:
+    """Updated Exponential Moving Average (EMA) of everything in the model's state_dict (parameters, buffers).
+
+    Same constructor, attributes (``ema``, ``updates``, ``decay``) and methods as the seed. Extra keywords:
+    ``mode`` ('yolov5' bit-matches the seed's ``v *= d; v += (1 - d) * m``, 'lerp' matches ``torch.lerp``) and
+    ``copy_buffers`` (timm's policy: copy non-float buffers such as ``num_batches_tracked``; the seed leaves them).
+    """
+
+    def __init__(self, model, decay=0.9999, tau=2000, updates=0, *, mode='yolov5', copy_buffers=False):
+        if mode not in ('yolov5', 'lerp'):
+            raise ValueError(f"mode must be 'yolov5' or 'lerp', got {mode!r}")
+        if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
+            raise ValueError(f'decay must be in [0, 1], got {decay}')
+        if not tau > 0:
+            raise ValueError(f'tau must be > 0, got {tau}')
+        self.ema = deepcopy(de_parallel(model)).eval()  # FP32 EMA
+        self.updates = updates
+        self.decay = lambda x: decay * (1 - math.exp(-x / tau))  # exponential ramp helps early epochs
+        self.mode = mode
+        self.copy_buffers = copy_buffers
+        self._plan = None
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    def _plan_for(self, model):
+        plan = self._plan
+        if plan is None or not plan.current(self.ema, model):
+            plan = self._plan = _Plan(self.ema, model)
+        return plan
+
+    def update(self, model):
+        model = de_parallel(model)
+        plan = self._plan_for(model)
+        d = self.decay(self.updates + 1)
+        for ema_list, model_list in plan.groups:
+            ema_update_(ema_list, model_list, d, self.mode)
+        if self.copy_buffers and plan.ints[0]:
+            with torch.no_grad():
+                torch._foreach_copy_(plan.ints[0], plan.ints[1])
+        self.updates += 1  # counted after success, so a failed update can be retried
+
+    def update_attr(self, model, include=(), exclude=('process_group', 'reducer')):
+        copy_attr(self.ema, model, include, exclude)
+
+    def __getstate__(self):  # the plan holds live references; rebuild it after unpickling
+        state = self.__dict__.copy()
+        state['_plan'] = None
+        return state

@@ -1,0 +1,108 @@
+"""Conv/Linear + BatchNorm folding: the seed's fuse_conv_and_bn, and fuse_model for a whole model in one call."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ._ops import fold_conv_bn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+# Exact types only: subclasses (timm's BatchNormAct2d, ...) add behaviour that folding would drop.
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _transposed_groups(layer) -> int:
+    return layer.groups if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def _out_channels(layer) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _check_pair(layer, bn):
+    if not isinstance(layer, _CONV):
+        raise TypeError(f'cannot fold BatchNorm into {type(layer).__name__}: expected a Conv, ConvTranspose or Linear')
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f'expected a BatchNorm layer, got {type(bn).__name__}')
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError('BatchNorm without running statistics (track_running_stats=False) cannot be folded')
+    if bn.num_features != _out_channels(layer):
+        raise ValueError(f'BatchNorm has {bn.num_features} channels, the layer before it has {_out_channels(layer)}')
+
+
+def _fold_args(pairs):
+    cols = ([], [], [], [], [], [], [], [])
+    for layer, bn in pairs:
+        for col, v in zip(cols, (layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                 bn.eps, _transposed_groups(layer))):
+            col.append(v.detach() if isinstance(v, torch.Tensor) else v)
+    return cols
+
+
+def fuse_conv_and_bn(conv, bn):
+    """Return a new layer equal to ``bn(conv(x))`` in eval mode, with bias and ``requires_grad=False``.
+
+    Unlike the seed it keeps dilation, padding_mode, output_padding, dtype, device and memory format, accepts
+    Conv1d/2d/3d, ConvTranspose (any groups) and Linear, and scales rows instead of building a C×C ``diag``.
+    """
+    _check_pair(conv, bn)
+    (w,), (b,) = fold_conv_bn(*_fold_args([(conv, bn)]))
+    if isinstance(conv, nn.Linear):
+        fused = nn.Linear(conv.in_features, conv.out_features, bias=True, device='meta')
+    else:
+        kw = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                  groups=conv.groups, bias=True, padding_mode=conv.padding_mode, device='meta')
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            kw['output_padding'] = conv.output_padding
+        fused = type(conv)(conv.in_channels, conv.out_channels, **kw)  # meta: no init cost, no allocation
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    fused.bias = nn.Parameter(b, requires_grad=False)
+    fused.train(conv.training)
+    return fused
+
+
+def _find_pairs(model):
+    """(parent, layer, bn, how) for YOLO-style blocks (``.conv`` + ``.bn``) and Sequential layer→BN runs."""
+    found, seen = [], set()
+    for m in model.modules():
+        conv, bn = getattr(m, 'conv', None), getattr(m, 'bn', None)
+        if isinstance(conv, _CONV) and type(bn) in _BN and bn.running_mean is not None and id(bn) not in seen:
+            seen.add(id(bn))
+            found.append((m, conv, bn, 'block'))
+        if isinstance(m, nn.Sequential):
+            kids = list(m._modules.items())
+            for (_, a), (name, b) in zip(kids, kids[1:]):
+                if isinstance(a, _CONV) and type(b) in _BN and b.running_mean is not None and id(b) not in seen:
+                    seen.add(id(b))
+                    found.append((m, a, name, 'seq'))
+    return found
+
+
+def fuse_model(model):
+    """Fold every Conv/Linear + BatchNorm pair of ``model`` in place with one batched call; returns ``model``.
+
+    YOLO blocks with ``.conv``/``.bn`` lose ``bn`` and switch ``forward`` to ``forward_fuse`` when they have
+    one (the YOLOv5/Ultralytics convention; otherwise ``bn`` becomes ``nn.Identity``); a BN that follows a layer
+    in an ``nn.Sequential`` becomes ``nn.Identity``. Folding uses the BN running statistics (eval semantics).
+    """
+    found = _find_pairs(model)
+    pairs = [(layer, bn if how == 'block' else parent._modules[bn]) for parent, layer, bn, how in found]
+    for layer, bn in pairs:
+        _check_pair(layer, bn)
+    if not pairs:
+        return model
+    _, biases = fold_conv_bn(*_fold_args(pairs), inplace=True)
+    for (parent, layer, bn, how), b in zip(found, biases):
+        if layer.bias is None:
+            layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
+        else:
+            with torch.no_grad():
+                layer.bias.copy_(b)
+        if how == 'seq':
+            parent._modules[bn] = nn.Identity()
+        elif hasattr(parent, 'forward_fuse'):
+            delattr(parent, 'bn')
+            parent.forward = parent.forward_fuse
+        else:
+            parent.bn = nn.Identity()
+    return model
