@@ -19,15 +19,20 @@ NO_EXT = os.environ.get('TORCHUTILS_EXT_NO_EXT', '0') == '1'
 
 
 def _find_cuda_home():
-    """CUDA_HOME, or the toolkit root; `nvcc` on PATH may be a wrapper script, so look at standard folders too."""
+    """CUDA_HOME, else the standard toolkit folders, else the real nvcc's root.
+
+    `nvcc` on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc), from which torch guesses a wrong root
+    and the link fails (`cannot find -lcudart`); a root counts only if it has the toolkit's headers.
+    """
     if os.environ.get('CUDA_HOME'):
         return os.environ['CUDA_HOME']
     candidates = ['/usr/local/cuda'] + sorted(glob.glob('/usr/local/cuda-*'), reverse=True)
     nvcc = shutil.which('nvcc')
     if nvcc:
-        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for c in candidates:
-        if os.path.exists(os.path.join(c, 'bin', 'nvcc')) and os.path.isdir(os.path.join(c, 'include')):
+        if os.path.isfile(os.path.join(c, 'bin', 'nvcc')) and os.path.isfile(os.path.join(c, 'include', 'crt',
+                                                                                          'host_config.h')):
             return c
     return None
 
@@ -56,7 +61,8 @@ def _extensions():
         sys.exit('torchutils_ext: TORCHUTILS_EXT_CUDA=1 but ' +
                  ('this torch is a CPU build' if not torch.version.cuda else 'no CUDA toolkit (nvcc) was found'))
 
-    # torch picks the C++ standard (17 or 20 by version). -ffp-contract=off keeps the "yolov5" EMA mode bit-exact (no FMA); -g0 halves compile time.
+    # torch picks the C++ standard (17 or 20 by version). -ffp-contract=off keeps the "yolov5" EMA mode
+    # bit-exact (no FMA); -g0 halves compile time.
     cxx = ['-O3', '-g0', '-ffp-contract=off', '-fno-math-errno']
     srcs = _sources('csrc/ops.cpp') + _sources('csrc/common/*.cpp') + _sources('csrc/cpu/*.cpp')
     include_dirs = [os.path.join(ROOT, 'csrc')]
@@ -76,11 +82,14 @@ def _extensions():
         else:  # no GPU visible: torch would crash guessing; build for A100 and H100 class GPUs
             os.environ['TORCH_CUDA_ARCH_LIST'] = '8.0;9.0'
     build_info['cuda_arch_list'] = os.environ['TORCH_CUDA_ARCH_LIST']
-    # The cu13 torch wheels ship CUDA math headers that ATen's CUDA headers include.
+    # The cu13 torch wheels ship CUDA library headers (cuBLAS, ...) that some ATen CUDA headers include: search
+    # them after the toolkit's own, whose cuda_runtime.h they must not shadow.
+    late_includes = []
     for site in sys.path:
         inc = os.path.join(site, 'nvidia', 'cu13', 'include')
         if os.path.isdir(inc):
-            include_dirs.append(inc)
+            late_includes += ['-idirafter', inc]
+    cxx += late_includes
     srcs += _sources('csrc/cuda/*.cpp') + _sources('csrc/cuda/*.cu')
     nvcc = ['-O3', '--fmad=false', '-lineinfo', '--expt-relaxed-constexpr']
     ext = cpp_extension.CUDAExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,

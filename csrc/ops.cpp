@@ -19,7 +19,9 @@ TORCH_LIBRARY(torchutils_ext, m) {
   m.def("fold_conv_bn(Tensor[] weight, Tensor?[] bias, Tensor?[] bn_weight, Tensor?[] bn_bias, "
         "Tensor[] running_mean, Tensor[] running_var, float[] eps, int[] transposed_groups) "
         "-> (Tensor[], Tensor[])");
-  // The same, overwriting the weights; returns the new biases.
-  m.def("fold_conv_bn_(Tensor(a!)[] weight, Tensor?[] bias, Tensor?[] bn_weight, Tensor?[] bn_bias, "
-        "Tensor[] running_mean, Tensor[] running_var, float[] eps, int[] transposed_groups) -> Tensor[]");
+  // The same, overwriting the weights and writing the new biases into bias_out (one per layer, contiguous,
+  // the weight's dtype): no output aliases an input, so torch.compile can functionalize it.
+  m.def("fold_conv_bn_(Tensor(a!)[] weight, Tensor(b!)[] bias_out, Tensor?[] bias, Tensor?[] bn_weight, "
+        "Tensor?[] bn_bias, Tensor[] running_mean, Tensor[] running_var, float[] eps, int[] transposed_groups) "
+        "-> ()");
 }

@@ -102,16 +102,17 @@ if COMPILED:
         device = tensors[0].device if len(tensors) else torch.device('cpu')
         return torch.empty((), dtype=torch.int64, device=device)
 
-    def _fold_bias_fake(weight, transposed_groups):
-        return [w.new_empty(w.shape[1] * g if g else w.shape[0]) for w, g in zip(weight, transposed_groups)]
-
     @torch.library.register_fake('torchutils_ext::fold_conv_bn')
     def _fold_fake(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
         return [torch.empty_like(w) for w in weight], _fold_bias_fake(weight, transposed_groups)
 
     @torch.library.register_fake('torchutils_ext::fold_conv_bn_')
-    def _fold_inplace_fake(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
-        return _fold_bias_fake(weight, transposed_groups)
+    def _fold_inplace_fake(weight, bias_out, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
+        return None
+
+
+def _fold_bias_fake(weight, transposed_groups):
+    return [w.new_empty(w.shape[1] * g if g else w.shape[0]) for w, g in zip(weight, transposed_groups)]
 
 
 def _device_of(tensors, default='cpu'):
@@ -146,9 +147,11 @@ def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_gr
     transposed_groups = [int(g) for g in transposed_groups]
     with torch.no_grad():
         if len(weight) and use_ext('fold_conv_bn', _device_of(weight)):
-            args = (weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
+            args = (bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
             if inplace:
-                return list(weight), _lib.fold_conv_bn_(*args)
-            return _lib.fold_conv_bn(*args)
+                out_b = _fold_bias_fake(weight, transposed_groups)  # right shape, dtype, device
+                _lib.fold_conv_bn_(weight, out_b, *args)
+                return list(weight), out_b
+            return _lib.fold_conv_bn(weight, *args)
         return _reference.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
                                        inplace=inplace)

@@ -73,8 +73,10 @@ def count_zeros(tensors) -> torch.Tensor:
 
 def bn_scale_shift(bn_weight, bn_bias, mean, var, eps, bias, opmath):
     """Per-output-channel (scale, new bias) of folding BN into the preceding layer, in opmath."""
-    inv = (var.to(opmath) + eps).sqrt().reciprocal()  # correctly rounded, like the kernels
-    scale = inv if bn_weight is None else bn_weight.to(opmath) * inv
+    # bn_weight / sqrt(var + eps) with a correctly rounded sqrt and division, as the kernels do. torch's
+    # vectorised float32 sqrt can be 1 ulp off; a float64 sqrt rounded to float32 is exact for float32 input.
+    std = (var.to(opmath) + eps).double().sqrt().to(opmath)
+    scale = (torch.ones_like(std) if bn_weight is None else bn_weight.to(opmath)) / std
     b = -mean.to(opmath) if bias is None else bias.to(opmath) - mean.to(opmath)
     shift = b * scale
     if bn_bias is not None:

@@ -59,12 +59,40 @@ RowLayout row_layout(const at::Tensor& w, int64_t g) {
   return {w.is_contiguous(), w.numel() / (cin * opg), cin / g, opg};
 }
 
-at::Tensor fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w) {
+void check_fold_outputs(const FoldArgs& a, at::TensorList bias_out) {
+  TORCH_CHECK_VALUE(bias_out.size() == a.weight.size(), "fold_conv_bn_: bias_out has ", bias_out.size(),
+                    " entries, weight has ", a.weight.size());
+  for (size_t i = 0; i < bias_out.size(); ++i) {
+    const auto &b = bias_out[i], &w = a.weight[i];
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.numel() == a.channels(i) && b.is_contiguous(), "fold_conv_bn_: bias_out[",
+                      i, "] must be a contiguous (", a.channels(i), ",) tensor, got ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == w.scalar_type(), "fold_conv_bn_: bias_out[", i, "] has dtype ",
+                     b.scalar_type(), ", weight[", i, "] ", w.scalar_type());
+    TORCH_CHECK_VALUE(b.device() == w.device(), "fold_conv_bn_: bias_out[", i, "] is on ", b.device(),
+                      ", weight[", i, "] on ", w.device());
+  }
+  std::vector<at::Tensor> outs(a.weight.begin(), a.weight.end());
+  outs.insert(outs.end(), bias_out.begin(), bias_out.end());
+  std::vector<at::Tensor> reads(a.mean.begin(), a.mean.end());
+  reads.insert(reads.end(), a.var.begin(), a.var.end());
+  for (const auto* l : {&a.bias, &a.bn_weight, &a.bn_bias})
+    for (size_t i = 0; i < l->size(); ++i)
+      if (auto t = l->get(i)) reads.push_back(*t);
+  check_no_overlap(outs, reads, "fold_conv_bn_");
+}
+
+std::vector<at::Tensor> bias_outputs(at::TensorList bias_out, size_t n) {
+  return bias_out.empty() ? std::vector<at::Tensor>(n) : bias_out.vec();
+}
+
+void fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& out_b) {
   const auto& w = a.weight[i];
   const auto op = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t c = a.channels(i), g = a.transposed_groups[i];
-  at::Tensor scale = (a.var[i].to(op) + a.eps[i]).sqrt().reciprocal();
-  if (auto bw = a.bn_weight.get(i)) scale = bw->to(op) * scale;
+  // correctly rounded sqrt (torch's vectorised float sqrt may be 1 ulp off): float64 sqrt, then round
+  const at::Tensor std = (a.var[i].to(op) + a.eps[i]).to(at::kDouble).sqrt().to(op);
+  auto bw = a.bn_weight.get(i);
+  const at::Tensor scale = (bw ? bw->to(op) : at::ones_like(std)) / std;  // one rounding, as the kernels
   auto b = a.bias.get(i);
   at::Tensor shift = (b ? b->to(op) - a.mean[i].to(op) : -a.mean[i].to(op)) * scale;
   if (auto bb = a.bn_bias.get(i)) shift = shift + bb->to(op);
@@ -80,7 +108,8 @@ at::Tensor fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w) {
     f = scale.view({g, 1, opg}).expand({g, cin / g, opg}).reshape(shape);
   }
   out_w.copy_(w.to(op) * f);
-  return shift.to(w.scalar_type());
+  if (out_b.defined()) out_b.copy_(shift);
+  else out_b = shift.to(w.scalar_type());
 }
 
 }  // namespace torchutils_ext

@@ -25,6 +25,11 @@ struct FoldArgs {
 
 // Checks everything (ValueError/TypeError naming the problem) before any tensor is written.
 void check_fold_args(const FoldArgs& a);
+// For the in-place variant: one contiguous bias output per layer, C elements of the weight's dtype, and no
+// weight or bias output overlapping another.
+void check_fold_outputs(const FoldArgs& a, at::TensorList bias_out);
+// Bias outputs for the functional variant (undefined entries are allocated by the kernels).
+std::vector<at::Tensor> bias_outputs(at::TensorList bias_out, size_t n);
 
 // Rows layout of weight i, when the fast kernels can walk it: K elements per row, row r holds output channel
 // (r / (ipg * opg)) * opg + r % opg (Conv/Linear: ipg = 1, opg = C, so channel = r).
@@ -34,7 +39,8 @@ struct RowLayout {
 };
 RowLayout row_layout(const at::Tensor& w, int64_t transposed_groups);
 
-// Layer i through ATen broadcasting (any strides); writes out_w (may alias weight) and returns the bias.
-at::Tensor fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w);
+// Layer i through ATen broadcasting (any strides); writes out_w (may alias weight) and out_b (allocated
+// when undefined).
+void fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& out_b);
 
 }  // namespace torchutils_ext

@@ -34,8 +34,7 @@ void fold_layer(const FoldArgs& a, size_t i, const RowLayout& L, const at::Tenso
   std::vector<O> scale(c);
   T* ob = out_b.data_ptr<T>();
   for (int64_t k = 0; k < c; ++k) {  // same operation order as fold_aten, so both paths round alike
-    const O inv = O(1) / std::sqrt(var[k] + eps);
-    scale[k] = has_bw ? bw[k] * inv : inv;
+    scale[k] = (has_bw ? bw[k] : O(1)) / std::sqrt(var[k] + eps);
     O s = (b[k] - mean[k]) * scale[k];
     if (has_bb) s = s + bb[k];
     ob[k] = static_cast<T>(s);
@@ -57,18 +56,18 @@ void fold_one(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& 
   const auto& w = a.weight[i];
   const RowLayout L = row_layout(w, a.transposed_groups[i]);
   if (!L.ok || (!out_w.is_same(w) && out_w.strides() != w.strides())) {
-    out_b = fold_aten(a, i, out_w);
+    fold_aten(a, i, out_w, out_b);
     return;
   }
-  out_b = at::empty({a.channels(i)}, w.options());
+  if (!out_b.defined()) out_b = at::empty({a.channels(i)}, w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fold_conv_bn", [&] {
     using O = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     fold_layer<scalar_t, O>(a, i, L, out_w, out_b);
   });
 }
 
-std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w) {
-  std::vector<at::Tensor> out_b(a.weight.size());
+std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w,
+                                  std::vector<at::Tensor> out_b) {
   for (size_t i = 0; i < a.weight.size(); ++i) {
     TORCH_CHECK_VALUE(a.weight[i].device().is_cpu(), "fold_conv_bn: weight[", i, "] is on ",
                       a.weight[i].device(), "; the CPU kernel takes CPU tensors only");
@@ -84,17 +83,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fold_conv_bn_cpu(
   check_fold_args(a);
   std::vector<at::Tensor> out_w;
   for (const auto& w : weight) out_w.push_back(at::empty_like(w));  // keeps dense strides (channels_last)
-  auto out_b = fold_into(a, out_w);
+  auto out_b = fold_into(a, out_w, bias_outputs({}, weight.size()));
   return {out_w, out_b};
 }
 
-std::vector<at::Tensor> fold_conv_bn_inplace_cpu(
-    at::TensorList weight, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
+void fold_conv_bn_inplace_cpu(
+    at::TensorList weight, at::TensorList bias_out, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
     at::TensorList mean, at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
   const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
   check_fold_args(a);
-  check_no_overlap(weight, {}, "fold_conv_bn_");
-  return fold_into(a, weight.vec());
+  check_fold_outputs(a, bias_out);
+  fold_into(a, weight.vec(), bias_outputs(bias_out, weight.size()));
 }
 
 }  // namespace

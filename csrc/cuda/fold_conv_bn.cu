@@ -27,11 +27,11 @@ __device__ __forceinline__ void st(double* p, int64_t i, double x) { p[i] = x; }
 __device__ __forceinline__ void st(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
 __device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float x) { p[i] = __float2bfloat16_rn(x); }
 
-// Same operation order as the CPU kernel and fold_aten: 1 / sqrt(var + eps), then * bn_weight.
+// Same operation order as the CPU kernel and fold_aten: bn_weight / sqrt(var + eps), one rounding.
 template <typename T, typename O>
 __device__ __forceinline__ O scale_of(const FoldEntry& f, int64_t c) {
-  const O inv = O(1) / sqrt(ld(static_cast<const T*>(f.var), c) + static_cast<O>(f.eps));
-  return f.bn_w ? ld(static_cast<const T*>(f.bn_w), c) * inv : inv;
+  const O std = sqrt(ld(static_cast<const T*>(f.var), c) + static_cast<O>(f.eps));
+  return (f.bn_w ? ld(static_cast<const T*>(f.bn_w), c) : O(1)) / std;
 }
 
 template <typename T, typename O>

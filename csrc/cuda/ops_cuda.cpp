@@ -84,9 +84,9 @@ std::optional<cuda::FoldDtype> fold_dtype(at::ScalarType t) {
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 
-std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w) {
+std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w,
+                                  std::vector<at::Tensor> out_b) {
   check_cuda(a.weight, "fold_conv_bn");
-  std::vector<at::Tensor> out_b(a.weight.size());
   if (a.weight.empty()) return out_b;
   const c10::cuda::CUDAGuard guard(a.weight[0].device());
   std::vector<cuda::FoldEntry> groups[4];
@@ -101,10 +101,10 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
     for (const auto& v : vecs)
       fast = fast && (!v || (v->scalar_type() == w.scalar_type() && v->is_contiguous()));
     if (!fast) {
-      out_b[i] = fold_aten(a, i, out_w[i]);
+      fold_aten(a, i, out_w[i], out_b[i]);
       continue;
     }
-    out_b[i] = at::empty({a.channels(i)}, w.options());
+    if (!out_b[i].defined()) out_b[i] = at::empty({a.channels(i)}, w.options());
     groups[static_cast<int>(*dt)].push_back({w.data_ptr(), out_w[i].data_ptr(), ptr_or_null(vecs[0]),
                                              ptr_or_null(vecs[1]), ptr_or_null(vecs[2]), a.mean[i].data_ptr(),
                                              a.var[i].data_ptr(), out_b[i].data_ptr(), a.eps[i], w.numel(), L.K,
@@ -125,17 +125,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fold_conv_bn_cuda(
   check_fold_args(a);
   std::vector<at::Tensor> out_w;
   for (const auto& w : weight) out_w.push_back(at::empty_like(w));
-  auto out_b = fold_into(a, out_w);
+  auto out_b = fold_into(a, out_w, bias_outputs({}, weight.size()));
   return {out_w, out_b};
 }
 
-std::vector<at::Tensor> fold_conv_bn_inplace_cuda(
-    at::TensorList weight, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
+void fold_conv_bn_inplace_cuda(
+    at::TensorList weight, at::TensorList bias_out, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
     at::TensorList mean, at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
   const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
   check_fold_args(a);
-  check_no_overlap(weight, {}, "fold_conv_bn_");
-  return fold_into(a, weight.vec());
+  check_fold_outputs(a, bias_out);
+  fold_into(a, weight.vec(), bias_outputs(bias_out, weight.size()));
 }
 
 }  // namespace
