@@ -4,6 +4,7 @@ Everything is validated before anything is written, so a bad call leaves every t
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -37,6 +38,12 @@ def _overlaps(spans):
     return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 
 
+def _hits(sorted_spans, s):
+    """Does span s overlap any of sorted_spans (sorted, non-overlapping)? O(log n)."""
+    i = bisect.bisect_left(sorted_spans, (s[1],)) - 1  # last span starting before s ends
+    return i >= 0 and sorted_spans[i][1] > s[0]
+
+
 def check_ema_args(ema, model, decay, decay_tensor, mode):
     ema = _tensor_list('ema', ema)
     model = _tensor_list('model', model)
@@ -68,12 +75,12 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
     if decay_tensor is not None and ema and decay_tensor.device != ema[0].device and decay_tensor.device.type != 'cpu':
         raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
     if ema and ema[0].device.type != 'meta':
-        es = [_span(e) for e in ema]
+        es = sorted(s for s in (_span(e) for e in ema) if s is not None)
         if _overlaps(es):
             raise ValueError('ema tensors overlap in memory: each EMA tensor must own its storage')
-        ms = sorted(s for s in (_span(m) for m in model) if s is not None)
-        for s in es:
-            if s is not None and any(a < s[1] and s[0] < b for a, b in ms):
+        for m in model:
+            s = _span(m)
+            if s is not None and _hits(es, s):
                 raise ValueError('an ema tensor shares memory with a model tensor')
 
 

@@ -1,0 +1,101 @@
+"""pytest options and session fixtures for benchmarks/.
+
+    pytest benchmarks/                       full run, models n,s,m,l, CPU, 1 thread
+    pytest benchmarks/ --quick --models n,s  smoke run (fewer repeats; every row still runs and is checked)
+    pytest benchmarks/ --device cuda
+
+Tables go to the terminal through the terminal reporter (no -s needed) and to benchmarks/results/.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # our helper modules, without a package
+
+import harness  # noqa: E402
+from bench_report import Report  # noqa: E402
+
+_STATE = {}
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup('benchmarks')
+    g.addoption('--models', default=None,
+                help='comma list of YOLOv5 sizes n,s,m,l,x and, with ultralytics, yaml names '
+                     '(default n,s,m,l + yolov8n,yolo11n when ultralytics is importable)')
+    g.addoption('--quick', action='store_true', help='few repeats: a smoke run that every row executes and agrees')
+    g.addoption('--device', default='cpu', choices=('cpu', 'cuda'), help='device to benchmark on')
+    g.addoption('--threads', type=int, default=1,
+                help='torch.set_num_threads for CPU timing (1: with 2 threads the 2-vCPU VM stalls)')
+
+
+def _models(config):
+    opt = config.getoption('--models')
+    if opt:
+        return [m.strip() for m in opt.split(',') if m.strip()]
+    models = ['n', 's', 'm', 'l']
+    try:
+        import ultralytics  # noqa: F401  real models from its shipped yaml, offline
+        models += ['yolov8n', 'yolo11n']
+    except Exception:
+        pass
+    return models
+
+
+def pytest_generate_tests(metafunc):
+    if 'model_name' in metafunc.fixturenames:
+        metafunc.parametrize('model_name', _models(metafunc.config))
+
+
+class Cfg:
+    def __init__(self, config):
+        self.quick = config.getoption('--quick')
+        self.device = config.getoption('--device')
+        self.threads = config.getoption('--threads')
+        self.repeats, self.warmup = (5, 1) if self.quick else (20, 3)
+
+
+@pytest.fixture(scope='session')
+def cfg(pytestconfig):
+    c = Cfg(pytestconfig)
+    if c.device == 'cuda' and not torch.cuda.is_available():
+        pytest.skip('--device cuda but torch.cuda.is_available() is False')
+    torch.set_num_threads(c.threads)
+    return c
+
+
+@pytest.fixture(scope='session')
+def report(cfg):
+    if 'report' not in _STATE:
+        r = Report(cfg.device, cfg.quick, harness.machine_info(cfg.device, torch.get_num_threads()))
+        r.roof = harness.roofline(cfg.device)  # 20 repeats even with --quick: every % depends on it
+        _STATE['report'], _STATE['cfg'] = r, cfg
+    return _STATE['report']
+
+
+@pytest.fixture(scope='session')
+def flusher(cfg):
+    return harness.Flusher(cfg.device)
+
+
+@pytest.fixture
+def build(cfg):
+    """build(name) -> eval-mode model on the benchmark device."""
+    from bench_models import build_model
+    return lambda name: build_model(name).to(cfg.device)
+
+
+def pytest_terminal_summary(terminalreporter):
+    r = _STATE.get('report')
+    if r is None or not r.rows:
+        return
+    again = harness.roofline(_STATE['cfg'].device)  # the VM's bandwidth drifts: keep the higher (stricter) one
+    r.roof_runs = [r.roof, again]
+    r.roof = max(r.roof_runs, key=lambda x: x['gb_per_s'])
+    r.finalize()
+    stem = r.write()
+    terminalreporter.write_sep('=', 'torchutils_ext benchmark results')
+    terminalreporter.write_line(r.markdown())
+    terminalreporter.write_line(f'written: {stem}.json, {stem}.md')

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (no network, torch preinstalled): build the CUDA kernels for the
+# local GPU against the torch already there, run the CUDA tests and the rest of the suite, then the CUDA
+# benchmarks, and print one table. Logs and results go to $OUT (default benchmarks/results/gpu).
+# Usage: bash benchmarks/gpu_check.sh [models, default s,l,x]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+MODELS=${1:-s,l,x}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+unset TORCH_CUDA_ARCH_LIST  # setup.py builds for the visible GPU
+
+{ nvidia-smi -L; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$OUT/env.txt"
+t0=$(date +%s)
+if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+$PY -c "import torchutils_ext as t; print(t.backend_info())" | tee -a "$OUT/env.txt"
+
+$PY -m pytest tests/test_cuda.py -q -rs 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
+$PY -m pytest tests/ -q -m "not slow" -p no:cacheprovider 2>&1 | tail -6 | tee "$OUT/all_tests.txt"
+timeout 300 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider 2>&1 \
+  | tee "$OUT/bench.txt" | grep -E '^\||^#|passed|failed|error'
+cp benchmarks/results/cuda*.md benchmarks/results/cuda*.json "$OUT/" 2>/dev/null
+exit 0

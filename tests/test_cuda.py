@@ -1,0 +1,153 @@
+"""CUDA kernels: parity with the CPU kernels and the seed formula, one launch, graph capture, opcheck.
+
+Skipped (each with the reason) on machines without a GPU; benchmarks/gpu_check.sh runs them on a lent GPU.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchutils_ext as tx
+from torchutils_ext import _ops
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU'),
+              pytest.mark.skipif(not (_ops.COMPILED and _ops._has_kernel('ema_update_', 'cuda')),
+                                 reason='CUDA kernels not built')]
+
+
+def make(shapes, dtype, seed, device='cuda'):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+
+
+SHAPES = [(3,), (17, 5), (64, 32, 3, 3), (1,), (100003,), (2, 3, 4, 5), (8192 * 3 + 1,)]
+
+
+def test_kernels_registered_for_cuda():
+    for op in ('ema_update_', 'count_zeros', 'fold_conv_bn', 'fold_conv_bn_'):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f'torchutils_ext::{op}', 'CUDA'), op
+
+
+def test_ema_yolov5_bit_identical_to_seed_formula():
+    ema, model = make(SHAPES, torch.float32, 1), make(SHAPES, torch.float32, 2)
+    ref = [e.clone() for e in ema]
+    for v, m in zip(ref, model):
+        v *= 0.9876
+        v += (1 - 0.9876) * m
+    with tx.use_backend('ext'):
+        _ops.ema_update_(ema, model, 0.9876)
+    assert all(torch.equal(a, b) for a, b in zip(ref, ema))
+
+
+@pytest.mark.parametrize('edt,mdt', [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                     (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                     (torch.float64, torch.float64)])
+def test_ema_mixed_dtypes_match_cpu_kernel(edt, mdt):
+    ema, model = make(SHAPES, edt, 3), make(SHAPES, mdt, 4)
+    cpu_e, cpu_m = [e.cpu() for e in ema], [m.cpu() for m in model]
+    # misaligned views exercise the scalar path
+    ema.append(torch.randn(1001, device='cuda').to(edt)[1:])
+    model.append(torch.randn(1001, device='cuda').to(mdt)[1:])
+    cpu_e.append(ema[-1].cpu())
+    cpu_m.append(model[-1].cpu())
+    with tx.use_backend('ext'):
+        _ops.ema_update_(ema, model, 0.75)
+        _ops.ema_update_(cpu_e, cpu_m, 0.75)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
+
+
+def test_ema_lerp_matches_torch_lerp():
+    ema, model = make(SHAPES, torch.float32, 5), make(SHAPES, torch.float32, 6)
+    ref = [torch.lerp(e, m, 1 - 0.9) for e, m in zip(ema, model)]
+    with tx.use_backend('ext'):
+        _ops.ema_update_(ema, model, 0.9, mode='lerp')
+    for a, b in zip(ref, ema):
+        torch.testing.assert_close(b, a, rtol=2e-7, atol=1e-7)
+
+
+def test_ema_decay_tensor_in_cuda_graph():
+    ema, model = make(SHAPES, torch.float32, 7), make(SHAPES, torch.float32, 8)
+    ref = [e.clone() for e in ema]
+    decay = torch.tensor(0.5, device='cuda')
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside capture
+        torch.ops.torchutils_ext.ema_update_(ema, model, 0.0, decay, 'yolov5')
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.torchutils_ext.ema_update_(ema, model, 0.0, decay, 'yolov5')
+    # the warm-up ran once with 0.5 (capture does not run kernels); replays read the tensor's new values
+    ref_vals = [0.5]
+    for d in (0.25, 0.875):  # exact in float32, so the Python-float reference uses the same d and 1 - d
+        decay.fill_(d)
+        graph.replay()
+        ref_vals.append(d)
+    torch.cuda.synchronize()
+    for d in ref_vals:
+        for v, m in zip(ref, model):
+            v *= d
+            v += (1 - d) * m
+    assert all(torch.equal(a, b) for a, b in zip(ref, ema))
+
+
+def test_model_ema_update_is_one_launch():
+    from yolo_models import build_yolov5
+    model = build_yolov5('s').cuda()
+    ema = tx.ModelEMA(model)
+    ema.update(model)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ema.update(model)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = {e.name for e in kernels}
+    assert len(kernels) == 1, names
+    assert 'ema_kernel' in next(iter(names))
+
+
+def test_count_zeros_matches_cpu():
+    ts = make(SHAPES, torch.float32, 9)
+    for t in ts:
+        t[t.abs() < 0.5] = 0
+    ts += [ts[2].half(), ts[4].bfloat16(), ts[4].double(), (ts[4] > 0).to(torch.int64), ts[2][:, ::2]]
+    got = _ops.count_zeros(ts)
+    assert got.device.type == 'cuda' and got.dtype == torch.int64
+    assert int(got) == sum(int((t == 0).sum()) for t in ts)
+
+
+def test_fold_matches_cpu_kernel_and_float64():
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(8, 16, 3, dilation=2), nn.ConvTranspose2d(8, 12, 3, groups=4), nn.Linear(10, 6),
+              nn.Conv2d(8, 8, 3, groups=8, bias=False)]
+    bns = [nn.BatchNorm2d(16), nn.BatchNorm2d(12), nn.BatchNorm1d(6), nn.BatchNorm2d(8, affine=False)]
+    for bn in bns:
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.eval()
+    for layer, bn in zip(layers, bns):
+        cpu = tx.fuse_conv_and_bn(layer, bn)
+        gpu = tx.fuse_conv_and_bn(copy.deepcopy(layer).cuda(), copy.deepcopy(bn).cuda())
+        assert torch.equal(cpu.weight, gpu.weight.cpu()) and torch.equal(cpu.bias, gpu.bias.cpu())
+
+
+def test_fuse_model_yolov5s_on_cuda():
+    from yolo_models import build_yolov5
+    model = build_yolov5('s').eval()
+    x = torch.randn(1, 3, 64, 64)
+    ref = copy.deepcopy(model).double()(x.double())
+    fused = tx.fuse_model(model.cuda())
+    out = fused(x.cuda())
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    refs = ref if isinstance(ref, (list, tuple)) else [ref]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o.double().cpu(), r, rtol=1e-3, atol=1e-3)
+
+
+def test_opcheck_cuda():
+    e, m = make([(5,), (4, 3)], torch.float32, 10), make([(5,), (4, 3)], torch.bfloat16, 11)
+    torch.library.opcheck(torch.ops.torchutils_ext.ema_update_.default, (e, m, 0.9, None, 'yolov5'))
+    torch.library.opcheck(torch.ops.torchutils_ext.count_zeros.default, ([e[0], m[1]],))

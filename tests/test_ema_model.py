@@ -1,0 +1,236 @@
+"""ModelEMA: parity with the seed over training steps, list revalidation, buffers, checkpoints, compile."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchutils_ext as tx
+
+
+class SeedEMA:
+    """The seed's ModelEMA, re-stated: state_dict every step, v *= d; v += (1 - d) * m for floating entries."""
+
+    def __init__(self, model, decay=0.9999, tau=2000, updates=0):
+        self.ema = copy.deepcopy(model).eval()
+        self.updates = updates
+        self.decay = lambda x: decay * (1 - math.exp(-x / tau))
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    def update(self, model):
+        with torch.no_grad():
+            self.updates += 1
+            d = self.decay(self.updates)
+            msd = model.state_dict()
+            for k, v in self.ema.state_dict().items():
+                if v.dtype.is_floating_point:
+                    v *= d
+                    v += (1 - d) * msd[k].detach()
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 5))
+
+
+def train_steps(model, emas, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(n):
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for e in emas:
+            e.update(model)
+
+
+def states_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bit_identical_to_seed_over_training(backend):
+    model = small_net()
+    ours, seed = tx.ModelEMA(model, tau=3), SeedEMA(model, tau=3)
+    train_steps(model, [ours, seed], 12)
+    assert ours.updates == seed.updates == 12
+    assert states_equal(ours.ema, seed.ema)
+    assert not any(p.requires_grad for p in ours.ema.parameters())
+    assert ours.decay(5) == seed.decay(5)
+
+
+def test_yolov5_model_parity(backend):
+    from yolo_models import build_yolov5
+    torch.manual_seed(0)
+    model = build_yolov5('n')
+    ours, seed = tx.ModelEMA(model, tau=2), SeedEMA(model, tau=2)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        ours.update(model)
+        seed.update(model)
+    assert states_equal(ours.ema, seed.ema)
+
+
+def test_lists_follow_model_changes(backend):
+    model = small_net()
+    ema = tx.ModelEMA(model)
+    ema.update(model)
+    plan = ema._plan
+    ema.update(model)
+    assert ema._plan is plan  # cached while nothing changed
+    model.load_state_dict(small_net().state_dict())  # in-place copy: same tensors, plan stays valid
+    ema.update(model)
+    assert ema._plan is plan
+    # buffers replaced (as .to()/.float() do for buffers): the plan is rebuilt and the EMA follows the new ones
+    model[1].running_mean = torch.full_like(model[1].running_mean, 3.0)
+    before = ema.ema[1].running_mean.clone()
+    ema.update(model)
+    assert ema._plan is not plan
+    d = ema.decay(ema.updates)
+    expected = before * d + (1 - d) * 3.0
+    torch.testing.assert_close(ema.ema[1].running_mean, expected)
+
+
+def test_half_model_under_fp32_ema(backend):
+    model = small_net()
+    ours, seed = tx.ModelEMA(model), SeedEMA(model)
+    model.bfloat16()  # parameter data swapped in place, buffers replaced
+    ours.update(model)
+    d = ours.decay(1)
+    for (k, v), (_, m) in zip(ours.ema.state_dict().items(), model.state_dict().items()):
+        if v.dtype.is_floating_point:
+            ref = seed.ema.state_dict()[k].double() * d + (1 - d) * m.double()
+            torch.testing.assert_close(v.double(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_copy_buffers_option_and_default(backend):
+    model = small_net()
+    default, timm_like = tx.ModelEMA(model), tx.ModelEMA(model, copy_buffers=True)
+    model.train()
+    model(torch.randn(2, 3, 8, 8))  # bumps num_batches_tracked
+    default.update(model)
+    timm_like.update(model)
+    assert int(default.ema[1].num_batches_tracked) == 0  # seed leaves integer buffers
+    assert int(timm_like.ema[1].num_batches_tracked) == 1
+
+
+def test_tied_weights_updated_once(backend):
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = lin.weight  # tied
+    ema = tx.ModelEMA(model, tau=1)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    before = ema.ema[0].weight.clone()
+    ema.update(model)
+    d = ema.decay(1)
+    expected = before.double() * d + (1 - d) * lin.weight.double()
+    torch.testing.assert_close(ema.ema[0].weight.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_update_attr_and_de_parallel(backend):
+    model = small_net()
+    ema = tx.ModelEMA(nn.DataParallel(model))
+    model.names, model.stride, model._private = ['a', 'b'], 32, 1
+    ema.update_attr(model, include=['names', '_private'])
+    assert ema.ema.names == ['a', 'b'] and not hasattr(ema.ema, '_private') and not hasattr(ema.ema, 'stride')
+    ema.update(nn.DataParallel(model))  # de_parallel unwraps
+    assert ema.updates == 1
+
+
+def test_bad_arguments():
+    model = small_net()
+    with pytest.raises(ValueError):
+        tx.ModelEMA(model, decay=1.5)
+    with pytest.raises(ValueError):
+        tx.ModelEMA(model, mode='foo')
+    ema = tx.ModelEMA(model)
+    other = nn.Sequential(nn.Linear(2, 2))
+    snap = [t.clone() for t in ema.ema.state_dict().values()]
+    with pytest.raises(ValueError, match='structure'):
+        ema.update(other)
+    assert all(torch.equal(a, b) for a, b in zip(snap, ema.ema.state_dict().values()))
+    assert ema.updates == 0
+
+
+def test_checkpoint_resume_is_bit_exact(backend):
+    """10 steps == 5 steps + save (seed layout) + load + smart_resume + 5 steps."""
+    model_a = small_net()
+    ema_a = tx.ModelEMA(model_a)
+    train_steps(model_a, [ema_a], 5, seed=1)
+    train_steps(model_a, [ema_a], 5, seed=2)
+
+    model_b = small_net()
+    ema_b = tx.ModelEMA(model_b)
+    opt = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    train_steps(model_b, [ema_b], 5, seed=1)
+    ckpt = {'epoch': 4, 'best_fitness': 0.5, 'model': copy.deepcopy(model_b).half(),
+            'ema': copy.deepcopy(ema_b.ema).half(), 'updates': ema_b.updates, 'optimizer': opt.state_dict()}
+    # the seed stores the EMA in half; keep full precision here to test bit-exact continuation
+    ckpt['ema'] = copy.deepcopy(ema_b.ema)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    model_c = small_net()
+    model_c.load_state_dict(model_b.state_dict())
+    ema_c = tx.ModelEMA(model_c)
+    opt_c = torch.optim.SGD(model_c.parameters(), lr=0.1)
+    best, start_epoch, epochs = tx.smart_resume(loaded, opt_c, ema_c, epochs=10)
+    assert (best, start_epoch, ema_c.updates) == (0.5, 5, 5)
+    train_steps(model_c, [ema_c], 5, seed=2)
+    assert states_equal(ema_a.ema, ema_c.ema)
+
+
+def test_seed_checkpoint_loads_and_continues(backend):
+    """A checkpoint written by the seed's ModelEMA (fp16 EMA module) loads and continues."""
+    model = small_net()
+    seed = SeedEMA(model)
+    train_steps(model, [seed], 3)
+    buf = io.BytesIO()
+    torch.save({'epoch': 0, 'best_fitness': 0.0, 'ema': copy.deepcopy(seed.ema).half(), 'updates': seed.updates,
+                'optimizer': None}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    ours = tx.ModelEMA(model)
+    tx.smart_resume(ckpt, None, ours, epochs=3)
+    assert ours.updates == 3
+    ref = {k: v.half().float() for k, v in seed.ema.state_dict().items()}
+    for k, v in ours.ema.state_dict().items():
+        assert torch.equal(v, ref[k].to(v.dtype)), k
+    ours.update(model)
+    assert ours.updates == 4
+
+
+def test_torch_compile_training_step_matches_eager(backend):
+    def run(compiled):
+        model = small_net()
+        ema = tx.ModelEMA(model, tau=3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x):
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ema.update(model)
+            return loss
+
+        f = torch.compile(step, backend='eager') if compiled else step
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            f(torch.randn(4, 3, 8, 8, generator=g))
+        return ema
+
+    a, b = run(False), run(True)
+    assert a.updates == b.updates == 3
+    for (k, x), y in zip(a.ema.state_dict().items(), b.ema.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=k)
