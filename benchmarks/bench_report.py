@@ -15,7 +15,8 @@ class Report:
         self.rows, self.roof, self.roof_runs = [], None, None
 
     def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note=''):
-        """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours'. timing None = row not run."""
+        """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours' | 'limit' (a bandwidth yardstick,
+        not a competitor). timing None = row not run."""
         row = {'bench': bench, 'model': model, 'impl': impl, 'role': role, 'bytes': bytes_moved,
                'launches': launches, 'check': check, 'note': note}
         row.update(timing or {'median_ms': None})
@@ -30,12 +31,14 @@ class Report:
             seed = next((r['median_ms'] for r in group if r['role'] == 'seed'), None)
             peers = [r['median_ms'] for r in group if r['role'] in ('seed', 'peer') and r['check'].startswith('ok')]
             best = min(peers) if peers else None
+            limit = next((r['median_ms'] for r in group if r['role'] == 'limit'), None)
             for r in group:
                 t = r['median_ms']
                 r['vs_seed'] = seed / t if seed else None
                 r['vs_best'] = best / t if best else None
                 r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
                                  if r['bytes'] and self.roof else None)
+                r['pct_limit'] = 100 * limit / t if limit else None
                 r['target'] = evaluate(r, self.device)
         order = {b: i for i, b in enumerate(TITLES)}
         self.rows.sort(key=lambda r: (order.get(r['bench'], 99), _model_key(r['model'])))
@@ -50,8 +53,9 @@ class Report:
                       f"median {self.roof['median_ms']:.2f} ms; the faster of a run before and one after the "
                       "benchmarks). x seed / x best: speed-up (>1 = faster) vs the seed / vs the fastest correct "
                       "row that is not ours (seed, pure-torch peers, timm/Ultralytics). % roofline: bytes the op "
-                      "must move / roofline bandwidth / time.", '']
-        cols = ['model', 'implementation', 'median ms', 'min–max ms', 'x seed', 'x best', '% roofline',
+                      "must move / roofline bandwidth / time. % limit (EMA, CPU): time of one `dst.add_(src)` moving the same "
+                      "bytes after the same cache flush / time, timed interleaved with the rows.", '']
+        cols = ['model', 'implementation', 'median ms', 'min–max ms', 'x seed', 'x best', '% roofline', '% limit',
                 'launches', 'check', 'target']
         keep = [i for i, c in enumerate(cols) if not (c == 'launches' and self.device == 'cpu')]  # CUDA only
         for bench, title in TITLES.items():
@@ -87,9 +91,9 @@ def _fmt(v, spec):
 
 def _cells(r):
     if r['median_ms'] is None:
-        return [r['model'], r['impl'], '—', '', '', '', '', '', r['check'], r['note']]
+        return [r['model'], r['impl'], '—', '', '', '', '', '', '', r['check'], r['note']]
     ms = r['median_ms']
     spec = '.3f' if ms < 10 else '.1f'
     return [r['model'], r['impl'], format(ms, spec), f"{r['min_ms']:{spec}}–{r['max_ms']:{spec}}",
             _fmt(r.get('vs_seed'), '.2f'), _fmt(r.get('vs_best'), '.2f'), _fmt(r.get('pct_roof'), '.0f'),
-            _fmt(r['launches'], 'd'), r['check'], ' '.join(x for x in (r.get('target', ''), r['note']) if x)]
+            _fmt(r.get('pct_limit'), '.0f'), _fmt(r['launches'], 'd'), r['check'], ' '.join(x for x in (r.get('target', ''), r['note']) if x)]

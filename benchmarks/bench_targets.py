@@ -3,13 +3,14 @@
 Absolute-ms CPU targets were measured on the project's 2-vCPU VM with 1 thread; on other machines read the
 relative ones (x seed, x best peer, % of roofline).
 Each target: (metric, op, value); metrics are row keys: median_ms, vs_seed, vs_best (vs the fastest correct
-row that is not ours), pct_roof, launches.
+row that is not ours), pct_roof (vs the 256 MiB roofline, as the issue states it), pct_limit (vs a same-bytes
+add_ after the same flush, timed interleaved: the roofline does not pay the flushed cache's write-back), launches.
 """
 
 _CPU = {
-    ('ema', 's'): [('median_ms', '<=', 2.3), ('pct_roof', '>=', 90), ('vs_seed', '>=', 4)],
+    ('ema', 's'): [('median_ms', '<=', 2.3), ('pct_roof', '>=', 90), ('pct_limit', '>=', 90), ('vs_seed', '>=', 4)],
     ('ema', 'n'): [('median_ms', '<=', 0.85), ('vs_best', '>=', 1.15)],
-    ('ema', 'l'): [('median_ms', '<=', 14), ('pct_roof', '>=', 95)],
+    ('ema', 'l'): [('median_ms', '<=', 14), ('pct_roof', '>=', 95), ('pct_limit', '>=', 95)],
     ('fuse', 'l'): [('median_ms', '<=', 11)],
     ('sparsity', 'l'): [('median_ms', '<=', 9)],
 }
@@ -19,7 +20,7 @@ _CUDA = {
     ('ema', 'x'): [('pct_roof', '>=', 80)],
     ('ema-mixed', '*'): [('vs_best', '>=', 3)],
 }
-_UNITS = {'median_ms': ' ms', 'vs_seed': 'x seed', 'vs_best': 'x best', 'pct_roof': '% roof',
+_UNITS = {'median_ms': ' ms', 'vs_seed': 'x seed', 'vs_best': 'x best', 'pct_roof': '% roof', 'pct_limit': '% limit',
           'launches': ' launch'}
 
 

@@ -1,9 +1,9 @@
 """Timing, roofline and machine description for the benchmarks (no pytest here).
 
-CPU: warm-up, then per-call `time.perf_counter` around the call only; an untimed `setup()` (cache flush,
-fresh model copy) runs before every call. CUDA: the same loop, but timed with CUDA events; `setup()` is
-followed by a synchronize *before* the start event so launch overhead of the timed call is counted and the
-flush is not; results are read after one final synchronize.
+Implementations are timed interleaved (round-robin, see time_interleaved). CPU: `time.perf_counter` around
+the call only; an untimed `setup()` (cache flush, fresh model copy) runs before every call. CUDA: CUDA
+events; `setup()` is followed by a synchronize *before* the start event, so the launch overhead of the timed
+call is counted and the flush is not.
 """
 import datetime
 import platform
@@ -34,33 +34,48 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _stats(times):
+    return {'median_ms': statistics.median(times), 'min_ms': min(times), 'max_ms': max(times), 'n': len(times)}
+
+
+def _time_once(fn, device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()  # outside the timed region: setup is done, the queue is empty
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(calls, device='cpu', repeats=20, warmup=3):
+    """Time several implementations side by side. calls: {name: (setup or None, fn)}.
+
+    Each round runs every entry once (setup untimed, then fn timed), starting at a different entry each round,
+    so a noisy neighbour or clock drift hits all rows alike; sequential per-row loops on this shared VM gave
+    ratios that swung by 30% between runs. Returns {name: ms stats}.
+    """
+    names = list(calls)
+    samples = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        k = r % len(names) if names else 0
+        for n in names[k:] + names[:k]:
+            setup, fn = calls[n]
+            if setup:
+                setup()
+            t = _time_once(fn, device)
+            if r >= warmup:
+                samples[n].append(t)
+    return {n: _stats(v) for n, v in samples.items()}
+
+
 def time_fn(fn, device='cpu', repeats=20, warmup=3, setup=None):
     """Run `setup(); fn()` warmup + repeats times; time only fn(). Returns ms stats."""
-    cuda = torch.device(device).type == 'cuda'
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    sync(device)
-    times, events = [], []
-    for _ in range(repeats):
-        if setup:
-            setup()
-        if cuda:
-            torch.cuda.synchronize()  # outside the timed region: the flush is done, the queue is empty
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            events.append((s, e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    if cuda:
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-    return {'median_ms': statistics.median(times), 'min_ms': min(times), 'max_ms': max(times), 'n': len(times)}
+    return time_interleaved({'fn': (setup, fn)}, device, repeats, warmup)['fn']
 
 
 def roofline(device='cpu', repeats=20, warmup=3):

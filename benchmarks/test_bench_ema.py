@@ -4,7 +4,8 @@ Each implementation gets its own model copy, builds its EMA from it at `updates=
 regime of a long run), then the model is moved to a "trained" state (in-place copy, as an optimizer step
 would) and stays there; every timed call is one `update(model)` after an untimed cache flush. The final
 EMA state is checked against the float64 closed form, so wrong decay, wrong direction or a skipped tensor
-fails; fp32 rows also say whether they are bit-identical to the seed.
+fails; fp32 rows also say whether they are bit-identical to the seed. All rows are timed interleaved, with
+a same-bytes `add_` as the measured bandwidth limit of this traffic (CPU).
 """
 import contextlib
 from copy import deepcopy
@@ -18,6 +19,7 @@ import seed_ref as S
 from bench_checks import ema_err
 
 U0 = 20000
+LIMIT = 'limit: one dst.add_(src) over the same bytes'
 # (rtol, atol, inc_rtol): fp32 math is ~1 ulp per step; in the mixed case the seed (and Ultralytics) round
 # the increment (1-d)*m to bf16 (2^-8 relative), which inc_rtol admits and nothing else.
 TOL = {'fp32': (5e-6, 1e-7, 0.0), 'mixed': (5e-6, 1e-7, 2.0 ** -8)}
@@ -41,17 +43,30 @@ def _impls(case, device):
     return rows
 
 
-def _run(cls, role, backend, base, trained, mdtype, cfg, flusher):
-    """Build this implementation's EMA, time `update(model)`; returns (ema, timing, launches)."""
-    with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
-        model = deepcopy(base)
-        ema = cls(model, decay=0.9999, tau=2000, updates=U0)
-        if mdtype != torch.float32:
-            model.to(mdtype)  # after the EMA exists, as bf16 training would: replaces the model's tensors
-        model.load_state_dict(trained)  # in-place copy: cached lists stay valid
-        timing = harness.time_fn(lambda: ema.update(model), cfg.device, cfg.repeats, cfg.warmup, setup=flusher)
-        launches = harness.count_launches(lambda: ema.update(model), cfg.device)
-    return ema, timing, launches
+def _build(cls, role, backend, base, trained, mdtype):
+    """This implementation's model copy and EMA (built at updates=U0), after one untimed update that proves
+    it runs. Returns (ema, update) where update() is the timed call, run under our backend when ours."""
+    model = deepcopy(base)
+    ema = cls(model, decay=0.9999, tau=2000, updates=U0)
+    if mdtype != torch.float32:
+        model.to(mdtype)  # after the EMA exists, as bf16 training would: replaces the model's tensors
+    model.load_state_dict(trained)  # in-place copy: cached lists stay valid
+    if role != 'ours':
+        update = lambda: ema.update(model)  # noqa: E731
+    else:
+        def update():
+            with ours.using(backend):
+                ema.update(model)
+    update()
+    return ema, update
+
+
+def _limit_row(nbytes, mdtype):
+    """One dst.add_(src) pair moving the EMA's bytes: what this machine does with that traffic after the same
+    flush (the 256 MiB roofline does not pay the write-back of the flushed, dirty last-level cache)."""
+    n = nbytes // (8 + mdtype.itemsize)
+    dst, src = torch.zeros(n), torch.ones(n, dtype=mdtype)
+    return lambda: dst.add_(src)
 
 
 @pytest.mark.parametrize('case', ['fp32', 'mixed'])
@@ -65,15 +80,16 @@ def test_ema(case, model_name, cfg, report, flusher, build):
     m_ref = {k: v.to(mdtype) for k, v in trained.items()}  # what the model really holds
     nbytes = sum(2 * v.numel() * 4 + v.numel() * m_ref[k].element_size() for k, v in v0.items())
     tol = TOL[case]
-    seed_state, failures = None, []
+    seed_state, failures, built, calls = None, [], {}, {}
 
     for name, role, cls, why in _impls(case, cfg.device):
         if cls is None:
             report.add(bench, model_name, name, role, note=why or 'not available')
             continue
         try:
-            ema, timing, launches = _run(cls, role, 'ext' if name.endswith('(compiled)') else 'torch',
-                                         base, trained, mdtype, cfg, flusher)
+            backend = 'ext' if name.endswith('(compiled)') else 'torch'
+            with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
+                ema, update = _build(cls, role, backend, base, trained, mdtype)
         except Exception as e:
             msg = str(e).splitlines()[0][:100] if str(e) else ''
             if role == 'peer' and case == 'mixed' and isinstance(e, RuntimeError):
@@ -82,6 +98,16 @@ def test_ema(case, model_name, cfg, report, flusher, build):
                 report.add(bench, model_name, name, role, check=f'FAIL {type(e).__name__}', note=msg)
                 failures.append(f'{name}: {type(e).__name__}: {msg}')
             continue
+        built[name] = (role, ema, update)
+        calls[name] = (flusher, update)
+    if cfg.device == 'cpu':
+        calls[LIMIT] = (flusher, _limit_row(nbytes, mdtype))
+    timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
+    if LIMIT in timings:
+        report.add(bench, model_name, LIMIT, 'limit', timings[LIMIT], nbytes, None, 'ok')
+
+    for name, (role, ema, update) in built.items():
+        launches = harness.count_launches(update, cfg.device)
         got = _float_state(ema.ema)
         err = ema_err(got, v0, m_ref, U0, ema.updates - U0, *tol)
         check = 'ok' if err <= 1 else f'FAIL err {err:.3g}x tol'
@@ -92,8 +118,8 @@ def test_ema(case, model_name, cfg, report, flusher, build):
                 seed_state = {k: v.clone() for k, v in got.items()}
             elif seed_state is not None:
                 check += ' (= seed bits)' if all(torch.equal(got[k], seed_state[k]) for k in got) else ''
-        report.add(bench, model_name, name, role, timing, nbytes, launches, check)
-        del ema, got
+        report.add(bench, model_name, name, role, timings[name], nbytes, launches, check)
+    built.clear()
 
     # the check must be able to fail: a do-nothing EMA (state left at v0) has to be far outside tolerance
     noop = ema_err(v0, v0, m_ref, U0, cfg.warmup + cfg.repeats, *tol)

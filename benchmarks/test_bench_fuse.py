@@ -33,16 +33,21 @@ def _impls(device):
     return rows
 
 
-def _run(fn, role, backend, base, cfg):
-    """Time fn(fresh copy of base); returns (fused model of the last call, timing)."""
+def _row(fn, role, backend, base):
+    """(setup, call, holder) for one row: setup() makes a fresh unfused copy (untimed), call() fuses it, under our
+    backend for our rows; holder['m'] is the model of the last call. One untimed call proves the row runs."""
     holder = {}
 
     def setup():
-        holder['m'] = deepcopy(base)  # untimed: each call fuses an unfused model
+        holder['m'] = deepcopy(base)
 
-    with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
-        timing = harness.time_fn(lambda: fn(holder['m']), cfg.device, cfg.repeats, cfg.warmup, setup=setup)
-    return holder['m'], timing
+    def call():
+        with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
+            fn(holder['m'])
+
+    setup()
+    call()
+    return setup, call, holder
 
 
 def test_fuse(model_name, cfg, report, build):
@@ -53,19 +58,23 @@ def test_fuse(model_name, cfg, report, build):
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(cfg.device)
     with torch.no_grad():
         y_ref = flatten_outputs(deepcopy(base).double()(x.double()))
-    failures = []
-
+    failures, rows, calls = [], {}, {}
     for name, role, backend, why, fn in _impls(cfg.device):
         if not fn:
             report.add('fuse', model_name, name, role, note=why or 'not available')
             continue
         try:
-            fused, timing = _run(fn, role, backend, base, cfg)
+            setup, call, holder = _row(fn, role, backend, base)
         except Exception as e:
             msg = str(e).splitlines()[0][:100] if str(e) else ''
             report.add('fuse', model_name, name, role, check=f'FAIL {type(e).__name__}', note=msg)
             failures.append(f'{name}: {type(e).__name__}: {msg}')
             continue
+        rows[name], calls[name] = (role, holder), (setup, call)
+    timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
+
+    for name, (role, holder) in rows.items():
+        fused = holder.pop('m')
         w_err = max(max(rel_err(fused.get_submodule(n).conv.weight, ref[n][0]),
                         rel_err(fused.get_submodule(n).conv.bias, ref[n][1])) for n in names)
         left = [n for n in names if hasattr(fused.get_submodule(n), 'bn')]
@@ -77,7 +86,7 @@ def test_fuse(model_name, cfg, report, build):
         check = 'ok' if not bad else 'FAIL ' + ', '.join(bad)
         if bad:
             failures.append(f'{name}: {check}')
-        report.add('fuse', model_name, name, role, timing, nbytes, None, check)
+        report.add('fuse', model_name, name, role, timings[name], nbytes, None, check)
         del fused
     assert len(names) > 0
     assert not failures, failures

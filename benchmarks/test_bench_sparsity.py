@@ -1,6 +1,7 @@
 """sparsity(model): seed loop vs summed count_nonzero vs ours, on a model with ~30% of conv weights zeroed.
 
-Each call follows an untimed cache flush (the model is read from memory, as after a training epoch).
+Each call follows an untimed cache flush (the model is read from memory, as after a training epoch); rows
+are timed interleaved.
 Every implementation must return a 0-d tensor equal to the exact zero fraction.
 """
 import contextlib
@@ -36,26 +37,31 @@ def test_sparsity(model_name, cfg, report, flusher, build):
     total = sum(p.numel() for p in params)
     zeros = sum(int((p == 0).sum()) for p in params)
     nbytes = sum(p.nbytes for p in params)
-    failures = []
+    failures, outs, calls = [], {}, {}
     for name, role, backend, why, fn in _impls(cfg.device):
         if not fn:
             report.add('sparsity', model_name, name, role, note=why or 'not available')
             continue
+
+        def call(fn=fn, role=role, backend=backend):
+            with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
+                return fn(model).item()  # .item() inside the timed call: the host read every caller does
+
         try:
             with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
-                # .item() inside the timed call: the host read every caller of sparsity() does
-                timing = harness.time_fn(lambda: fn(model).item(), cfg.device, cfg.repeats, cfg.warmup,
-                                         setup=flusher)
-                out = fn(model)
+                outs[name] = (role, fn(model))
         except Exception as e:
             msg = str(e).splitlines()[0][:100] if str(e) else ''
             report.add('sparsity', model_name, name, role, check=f'FAIL {type(e).__name__}', note=msg)
             failures.append(f'{name}: {type(e).__name__}: {msg}')
             continue
+        calls[name] = (flusher, call)
+    timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
+    for name, (role, out) in outs.items():
         ok = isinstance(out, torch.Tensor) and out.dim() == 0 and abs(out.item() - zeros / total) <= 1e-7
         check = 'ok' if ok else f'FAIL got {out!r}, want {zeros / total:.9f}'
         if not ok:
             failures.append(f'{name}: {check}')
-        report.add('sparsity', model_name, name, role, timing, nbytes, None, check)
+        report.add('sparsity', model_name, name, role, timings[name], nbytes, None, check)
     assert 0.2 < zeros / total < 0.4  # the check compares a non-trivial count
     assert not failures, failures

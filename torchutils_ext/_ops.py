@@ -136,9 +136,10 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
 
 def count_zeros(tensors) -> torch.Tensor:
     tensors = list(tensors)
-    if tensors and use_ext('count_zeros', _device_of(tensors)):
-        return _lib.count_zeros(tensors)
-    return _reference.count_zeros(tensors)
+    with torch.no_grad():
+        if tensors and use_ext('count_zeros', _device_of(tensors)):
+            return _lib.count_zeros(tensors)
+        return _reference.count_zeros(tensors)
 
 
 def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups, inplace=False):

@@ -9,8 +9,8 @@ from ._ops import count_zeros
 
 def _zeros(params):
     by_device = {}
-    for p in params:
-        by_device.setdefault(p.device, []).append(p.detach())
+    for p in params:  # count_zeros runs under no_grad, so parameters go in as they are (no .detach() each)
+        by_device.setdefault(p.device, []).append(p)
     counts = [count_zeros(ts) for ts in by_device.values()]
     if not counts:
         return torch.zeros((), dtype=torch.int64)

@@ -4,19 +4,36 @@
 #include <torch/library.h>
 
 #include "../common/zero_bits.h"
+#include "simd.h"
 
 namespace torchutils_ext {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // < 2^32, so the inner loop can count in uint32 (vectorises well)
 
+// Walks the span as four interleaved streams: a read-only loop on one core is bound by how many cache misses
+// are in flight, and four streams keep more of them going than one (yolov5l's 186 MB: 12-15 ms -> 8-9 ms).
 template <typename U>
-int64_t count_span(const void* p_, int64_t n, uint64_t mask64) {
+TUE_ALWAYS_INLINE int64_t count_span_body(const void* p_, int64_t n, uint64_t mask64) {
   const U* __restrict__ p = static_cast<const U*>(p_);
   const U mask = static_cast<U>(mask64);
+  const int64_t q = n / 4;
+  const U *p0 = p, *p1 = p + q, *p2 = p + 2 * q, *p3 = p + 3 * q;
   uint32_t c = 0;
-  for (int64_t i = 0; i < n; ++i) c += (p[i] & mask) == 0;
+  for (int64_t i = 0; i < q; ++i)
+    c += ((p0[i] & mask) == 0) + ((p1[i] & mask) == 0) + ((p2[i] & mask) == 0) + ((p3[i] & mask) == 0);
+  for (int64_t i = 4 * q; i < n; ++i) c += (p[i] & mask) == 0;
   return c;
+}
+
+template <typename U>
+TUE_TARGET_AVX2 int64_t count_span_avx2(const void* p, int64_t n, uint64_t mask) {
+  return count_span_body<U>(p, n, mask);
+}
+
+template <typename U>
+int64_t count_span(const void* p, int64_t n, uint64_t mask) {
+  return cpu_has_avx2() ? count_span_avx2<U>(p, n, mask) : count_span_body<U>(p, n, mask);
 }
 
 int64_t count_dispatch(const ZeroBits& z, const void* p, int64_t n) {

@@ -5,6 +5,7 @@
 
 #include "../common/ema_args.h"
 #include "../common/ema_math.h"
+#include "simd.h"
 
 namespace torchutils_ext {
 namespace {
@@ -12,7 +13,7 @@ namespace {
 constexpr int64_t kChunk = 1 << 16;  // elements per work item: big enough to amortise, small enough to balance
 
 template <typename E, typename M, typename O>
-void ema_span(void* e_, const void* m_, int64_t n, O d, O omd, bool lerp) {
+TUE_ALWAYS_INLINE void ema_span_body(void* e_, const void* m_, int64_t n, O d, O omd, bool lerp) {
   E* __restrict__ e = static_cast<E*>(e_);
   const M* __restrict__ m = static_cast<const M*>(m_);
   if (lerp) {
@@ -21,6 +22,17 @@ void ema_span(void* e_, const void* m_, int64_t n, O d, O omd, bool lerp) {
     for (int64_t i = 0; i < n; ++i)
       e[i] = static_cast<E>(ema_yolov5<O>(static_cast<O>(e[i]), static_cast<O>(m[i]), d, omd));
   }
+}
+
+template <typename E, typename M, typename O>
+TUE_TARGET_AVX2 void ema_span_avx2(void* e, const void* m, int64_t n, O d, O omd, bool lerp) {
+  ema_span_body<E, M, O>(e, m, n, d, omd, lerp);
+}
+
+template <typename E, typename M, typename O>
+void ema_span(void* e, const void* m, int64_t n, O d, O omd, bool lerp) {
+  if (cpu_has_avx2()) return ema_span_avx2<E, M, O>(e, m, n, d, omd, lerp);
+  ema_span_body<E, M, O>(e, m, n, d, omd, lerp);
 }
 
 void ema_dispatch(EmaKind k, void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
@@ -36,8 +48,26 @@ void ema_dispatch(EmaKind k, void* e, const void* m, int64_t n, double d, double
 }
 
 struct Work {
-  int64_t pair, begin, end;
+  char* e;
+  const char* m;
+  int64_t n;
+  EmaKind kind;
+  int32_t e_size, m_size;
 };
+
+// Software prefetch of the work items ahead. A model has hundreds of small tensors (BN vectors, biases) that
+// end before the hardware prefetcher locks onto their stream, so each would cost a full memory latency per
+// line; touching the first lines of the next items while this one runs overlaps those latencies.
+// Tried 4..32 items and 256..1024 bytes on yolov5n/s: 1.09-1.15x cached _foreach_lerp_ either way (noise-level
+// differences); without prefetch 1.09x.
+constexpr int64_t kAhead = 8;
+constexpr int64_t kPrefetchBytes = 512;
+
+inline void prefetch_item(const Work& w) {
+  const int64_t eb = std::min(w.n * w.e_size, kPrefetchBytes), mb = std::min(w.n * w.m_size, kPrefetchBytes);
+  for (int64_t o = 0; o < eb; o += 64) __builtin_prefetch(w.e + o, 1);
+  for (int64_t o = 0; o < mb; o += 64) __builtin_prefetch(w.m + o, 0);
+}
 
 void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay,
                     const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
@@ -46,15 +76,20 @@ void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay,
   const double omd = 1.0 - d;  // in double, then rounded per kind: the seed's (1 - d) is a Python float
 
   std::vector<Work> work;
-  for (int64_t i : call.fast)
-    for (int64_t b = 0, n = ema[i].numel(); b < n; b += kChunk) work.push_back({i, b, std::min(n, b + kChunk)});
+  for (int64_t i : call.fast) {
+    const auto &e = ema[i], &m = model[i];
+    const int32_t es = static_cast<int32_t>(e.element_size()), ms = static_cast<int32_t>(m.element_size());
+    char* ep = static_cast<char*>(e.data_ptr());
+    const char* mp = static_cast<const char*>(m.data_ptr());
+    for (int64_t b = 0, n = e.numel(); b < n; b += kChunk)
+      work.push_back({ep + b * es, mp + b * ms, std::min(n - b, kChunk), call.kinds[i], es, ms});
+  }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < std::min(hi, lo + kAhead); ++w) prefetch_item(work[w]);
     for (int64_t w = lo; w < hi; ++w) {
-      const auto& it = work[w];
-      const auto &e = ema[it.pair], &m = model[it.pair];
-      char* ep = static_cast<char*>(e.data_ptr()) + it.begin * e.element_size();
-      const char* mp = static_cast<const char*>(m.data_ptr()) + it.begin * m.element_size();
-      ema_dispatch(call.kinds[it.pair], ep, mp, it.end - it.begin, d, omd, call.lerp);
+      if (w + kAhead < hi) prefetch_item(work[w + kAhead]);
+      const Work& it = work[w];
+      ema_dispatch(it.kind, it.e, it.m, it.n, d, omd, call.lerp);
     }
   });
   for (int64_t i : call.slow) ema_update_aten(ema[i], model[i], call);

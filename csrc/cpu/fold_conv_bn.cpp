@@ -8,47 +8,67 @@
 
 #include "../common/ema_args.h"
 #include "../common/fold_args.h"
+#include "simd.h"
 
 namespace torchutils_ext {
 namespace {
 
+// A per-channel vector read as O: the tensor's own memory when it already is contiguous O (the usual case, no
+// allocation or dispatcher call), else a converted copy; `fill` where the tensor is absent.
 template <typename O>
-std::vector<O> as_vec(const std::optional<at::Tensor>& t, int64_t n, O fill) {
-  std::vector<O> v(n, fill);
-  if (t.has_value()) {
-    const at::Tensor c = t->to(c10::CppTypeToScalarType<O>::value).contiguous();
-    const O* p = c.data_ptr<O>();
-    std::copy(p, p + n, v.begin());
+struct ChannelVec {
+  at::Tensor hold;
+  const O* p = nullptr;
+  O fill;
+  ChannelVec(const std::optional<at::Tensor>& t, O fill_) : fill(fill_) {
+    if (!t.has_value()) return;
+    constexpr auto dt = c10::CppTypeToScalarType<O>::value;
+    hold = (t->scalar_type() == dt && t->is_contiguous()) ? *t : t->to(dt).contiguous();
+    p = hold.data_ptr<O>();
   }
-  return v;
+  O operator[](int64_t k) const { return p ? p[k] : fill; }
+};
+
+// Scales each K-element row by its channel's factor; built for AVX2 where the CPU has it (see simd.h).
+template <typename T, typename O>
+TUE_ALWAYS_INLINE void scale_rows_body(const T* __restrict__ src, T* __restrict__ dst, const O* scale, int64_t lo,
+                                       int64_t hi, const RowLayout& L) {
+  const int64_t group = L.ipg * L.opg;
+  for (int64_t r = lo; r < hi; ++r) {
+    const O f = scale[(r / group) * L.opg + r % L.opg];
+    const T* __restrict__ s = src + r * L.K;
+    T* __restrict__ d = dst + r * L.K;
+    for (int64_t k = 0; k < L.K; ++k) d[k] = static_cast<T>(static_cast<O>(s[k]) * f);
+  }
+}
+
+template <typename T, typename O>
+TUE_TARGET_AVX2 void scale_rows_avx2(const T* src, T* dst, const O* scale, int64_t lo, int64_t hi,
+                                     const RowLayout& L) {
+  scale_rows_body<T, O>(src, dst, scale, lo, hi, L);
 }
 
 template <typename T, typename O>
 void fold_layer(const FoldArgs& a, size_t i, const RowLayout& L, const at::Tensor& out_w, const at::Tensor& out_b) {
   const int64_t c = a.channels(i);
   const O eps = static_cast<O>(a.eps[i]);
-  const auto var = as_vec<O>(a.var[i], c, O(0)), mean = as_vec<O>(a.mean[i], c, O(0));
-  const auto bw = as_vec<O>(a.bn_weight.get(i), c, O(1)), bb = as_vec<O>(a.bn_bias.get(i), c, O(0));
-  const auto b = as_vec<O>(a.bias.get(i), c, O(0));
-  const bool has_bw = a.bn_weight.get(i).has_value(), has_bb = a.bn_bias.get(i).has_value();
+  const ChannelVec<O> var(a.var[i], O(0)), mean(a.mean[i], O(0)), bw(a.bn_weight.get(i), O(1)),
+      bb(a.bn_bias.get(i), O(0)), b(a.bias.get(i), O(0));
   std::vector<O> scale(c);
   T* ob = out_b.data_ptr<T>();
   for (int64_t k = 0; k < c; ++k) {  // same operation order as fold_aten, so both paths round alike
-    scale[k] = (has_bw ? bw[k] : O(1)) / std::sqrt(var[k] + eps);
+    scale[k] = (bw.p ? bw[k] : O(1)) / std::sqrt(var[k] + eps);
     O s = (b[k] - mean[k]) * scale[k];
-    if (has_bb) s = s + bb[k];
+    if (bb.p) s = s + bb[k];
     ob[k] = static_cast<T>(s);
   }
-  const T* __restrict__ src = a.weight[i].data_ptr<T>();
-  T* __restrict__ dst = out_w.data_ptr<T>();
-  const int64_t rows = a.weight[i].numel() / L.K, group = L.ipg * L.opg;
+  const T* src = a.weight[i].data_ptr<T>();
+  T* dst = out_w.data_ptr<T>();
+  const int64_t rows = a.weight[i].numel() / L.K;
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / L.K), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const O f = scale[(r / group) * L.opg + r % L.opg];
-      const T* s = src + r * L.K;
-      T* d = dst + r * L.K;
-      for (int64_t k = 0; k < L.K; ++k) d[k] = static_cast<T>(static_cast<O>(s[k]) * f);
-    }
+    if (avx2) scale_rows_avx2<T, O>(src, dst, scale.data(), lo, hi, L);
+    else scale_rows_body<T, O>(src, dst, scale.data(), lo, hi, L);
   });
 }
 
