@@ -43,6 +43,11 @@ def rel_err(got, ref):
 
 
 def flatten_outputs(y):
+    """Every tensor in a model's output (tensors, lists, tuples, dicts; anything else, e.g. a string, ignored)."""
     if isinstance(y, torch.Tensor):
         return [y]
-    return [t for x in y for t in flatten_outputs(x)]
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (list, tuple)):
+        return [t for x in y for t in flatten_outputs(x)]
+    return []

@@ -8,6 +8,7 @@ Tables go to the terminal through the terminal reporter (no -s needed) and to be
 """
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ import harness  # noqa: E402
 from bench_report import Report  # noqa: E402
 
 _STATE = {}
+# Ultralytics (when installed) builds models from its shipped yaml: no network, settings in a throwaway folder
+os.environ.setdefault('YOLO_OFFLINE', '1')
+os.environ.setdefault('YOLO_CONFIG_DIR', tempfile.mkdtemp(prefix='yolo-cfg-'))
 
 
 def pytest_addoption(parser):
