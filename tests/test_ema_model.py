@@ -234,3 +234,22 @@ def test_torch_compile_training_step_matches_eager(backend):
     assert a.updates == b.updates == 3
     for (k, x), y in zip(a.ema.state_dict().items(), b.ema.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_pure_torch_path_revalidates_when_tensors_change():
+    """The pure-torch path validates once per plan; a cast of the model must still be seen and handled."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = tx.ModelEMA(model, decay=0.5, tau=1e-9)  # decay ~0.5 from the first update
+    with tx.use_backend('torch'):
+        ema.update(model)
+        batch = ema._plan.caches[0]['torch_batch']
+        ema.update(model)
+        assert ema._plan.caches[0]['torch_batch'] is batch  # validated once, reused
+        model.to(torch.bfloat16)  # same Parameter objects, new bf16 storage
+        before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+        ema.update(model)
+        assert ema._plan.caches[0]['torch_batch'] is not batch
+    w = model[0].weight.detach()
+    ref = before['0.weight'] * 0.5 + 0.5 * w.float()
+    torch.testing.assert_close(ema.ema[0].weight, ref, rtol=1e-6, atol=1e-7)

@@ -119,8 +119,12 @@ def _device_of(tensors, default='cpu'):
     return tensors[0].device if len(tensors) else torch.device(default)
 
 
-def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
-    """In-place EMA over matching tensor lists; ``decay`` is a float or a 0-d tensor (no host sync)."""
+def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None = None) -> None:
+    """In-place EMA over matching tensor lists; ``decay`` is a float or a 0-d tensor (no host sync).
+
+    ``cache``: a dict the caller keeps with these lists (ModelEMA does); the pure-torch path stores its
+    validated-once batch there and revalidates only when the tensors change.
+    """
     decay_tensor = decay if isinstance(decay, torch.Tensor) else None
     d = 0.0 if decay_tensor is not None else decay
     if not isinstance(ema, (list, tuple)) or not isinstance(model, (list, tuple)):
@@ -130,8 +134,13 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
     with torch.no_grad():
         if len(ema) and use_ext('ema_update_', _device_of(ema)):  # an empty list has no device to dispatch on
             _lib.ema_update_(ema, model, d, decay_tensor, mode)
-        else:
+        elif cache is None:
             _reference.ema_update_(ema, model, d, decay_tensor, mode)
+        else:
+            batch = cache.get('torch_batch')
+            if batch is None or not batch.matches(ema, model):
+                batch = cache['torch_batch'] = _reference.EmaBatch(ema, model)
+            _reference.ema_update_(ema, model, d, decay_tensor, mode, batch=batch)
 
 
 def count_zeros(tensors) -> torch.Tensor:

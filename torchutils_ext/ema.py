@@ -65,6 +65,7 @@ class _Plan:
         # Parameters (not .detach() views) go in the lists: .to()/.half() swap their data in place, and the
         # lists must follow. Replaced buffers or parameters fail current() and rebuild the plan.
         self.groups = list(groups.values())
+        self.caches = [{} for _ in self.groups]  # per group, for the pure-torch path's validated batch
 
     def current(self, ema: nn.Module, model: nn.Module) -> bool:
         return (ema is self.ema_module and model is self.model_module
@@ -105,8 +106,8 @@ class ModelEMA:
         model = de_parallel(model)
         plan = self._plan_for(model)
         d = self.decay(self.updates + 1)
-        for ema_list, model_list in plan.groups:
-            ema_update_(ema_list, model_list, d, self.mode)
+        for (ema_list, model_list), cache in zip(plan.groups, plan.caches):
+            ema_update_(ema_list, model_list, d, self.mode, cache=cache)
         if self.copy_buffers and plan.ints[0]:
             with torch.no_grad():
                 torch._foreach_copy_(plan.ints[0], plan.ints[1])
