@@ -7,6 +7,7 @@ lists when a module was moved/cast/replaced, and hands all floating tensors to `
 from __future__ import annotations
 
 import math
+import sys
 from copy import deepcopy
 from operator import getitem, is_
 
@@ -32,6 +33,37 @@ def _state_slots(module: nn.Module):
     return slots
 
 
+def _is_dtensor(t) -> bool:
+    mod = sys.modules.get('torch.distributed.tensor')  # not imported: no DTensor can exist, and no import cost
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _local(t):
+    """The local shard of a DTensor (an FSDP2 parameter): the tensor the update writes, no collective."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _check_shards(key, e, m):
+    if not (_is_dtensor(e) and _is_dtensor(m)):
+        raise TypeError(f'{key}: one of the EMA and the model holds a sharded (DTensor) tensor and the other a '
+                        'plain one; shard both the same way (see ModelEMA) or neither')
+    if e.placements != m.placements or e.device_mesh != m.device_mesh or e.shape != m.shape:
+        raise ValueError(f'{key}: the EMA and model shards differ (placements {e.placements} vs {m.placements}, '
+                         f'shape {tuple(e.shape)} vs {tuple(m.shape)}); shard both with the same fully_shard call')
+
+
+def _copy_model(model):
+    try:
+        return deepcopy(model)
+    except AssertionError as err:  # FSDP2 modules refuse deepcopy
+        if any(_is_dtensor(p) for p in model.parameters()):
+            raise TypeError('ModelEMA cannot copy a model already sharded with fully_shard (FSDP2 refuses '
+                            'deepcopy). Build the EMA first, then shard both alike: ema = ModelEMA(model); '
+                            'fully_shard(model); fully_shard(ema.ema). Updates then run on the local shards, '
+                            'with no gathering.') from err
+        raise
+
+
 class _Plan:
     """Tensor lists for one (ema module, model module) pair, grouped by device, plus what proves them current."""
 
@@ -43,7 +75,7 @@ class _Plan:
             raise ValueError(f'model has no entry for EMA state {missing[:5]}: the model and its EMA differ in '
                              'structure (was one of them fused or modified?)')
         self.dicts, self.keys, self.tensors = [], [], []
-        groups, self.ints = {}, ([], [])
+        groups, self.ints, self.sharded = {}, ([], []), False
         seen = set()
         for k, (ed, en) in es.items():
             md, mn = ms[k]
@@ -55,6 +87,9 @@ class _Plan:
             if id(e) in seen:  # tied weights: update the shared tensor once
                 continue
             seen.add(id(e))
+            if _is_dtensor(e) or _is_dtensor(m):
+                _check_shards(k, e, m)
+                self.sharded = True
             if e.dtype.is_floating_point:
                 g = groups.setdefault(e.device, ([], []))
                 g[0].append(e)
@@ -67,6 +102,12 @@ class _Plan:
         self.groups = list(groups.values())
         self.caches = [{} for _ in self.groups]  # per group, for the pure-torch path's validated batch
 
+    def lists(self):
+        """(ema, model) lists per group; sharded (DTensor) entries as their local shards, read fresh each call."""
+        if not self.sharded:
+            return self.groups
+        return [([_local(e) for e in es], [_local(m) for m in ms]) for es, ms in self.groups]
+
     def current(self, ema: nn.Module, model: nn.Module) -> bool:
         return (ema is self.ema_module and model is self.model_module
                 and all(map(is_, map(getitem, self.dicts, self.keys), self.tensors)))
@@ -78,6 +119,9 @@ class ModelEMA:
     Same constructor, attributes (``ema``, ``updates``, ``decay``) and methods as the seed. Extra keywords:
     ``mode`` ('yolov5' bit-matches the seed's ``v *= d; v += (1 - d) * m``, 'lerp' matches ``torch.lerp``) and
     ``copy_buffers`` (timm's policy: copy non-float buffers such as ``num_batches_tracked``; the seed leaves them).
+
+    FSDP2: build the EMA before sharding, then shard the model and ``ema.ema`` with the same ``fully_shard``
+    calls; each update then works on the local shards of the DTensor parameters, without gathering.
     """
 
     def __init__(self, model, decay=0.9999, tau=2000, updates=0, *, mode='yolov5', copy_buffers=False):
@@ -87,7 +131,7 @@ class ModelEMA:
             raise ValueError(f'decay must be in [0, 1], got {decay}')
         if not tau > 0:
             raise ValueError(f'tau must be > 0, got {tau}')
-        self.ema = deepcopy(de_parallel(model)).eval()  # FP32 EMA
+        self.ema = _copy_model(de_parallel(model)).eval()  # FP32 EMA
         self.updates = updates
         self.decay = lambda x: decay * (1 - math.exp(-x / tau))  # exponential ramp helps early epochs
         self.mode = mode
@@ -106,11 +150,11 @@ class ModelEMA:
         model = de_parallel(model)
         plan = self._plan_for(model)
         d = self.decay(self.updates + 1)
-        for (ema_list, model_list), cache in zip(plan.groups, plan.caches):
+        for (ema_list, model_list), cache in zip(plan.lists(), plan.caches):
             ema_update_(ema_list, model_list, d, self.mode, cache=cache)
         if self.copy_buffers and plan.ints[0]:
             with torch.no_grad():
-                torch._foreach_copy_(plan.ints[0], plan.ints[1])
+                torch._foreach_copy_([_local(t) for t in plan.ints[0]], [_local(t) for t in plan.ints[1]])
         self.updates += 1  # counted after success, so a failed update can be retried
 
     def update_attr(self, model, include=(), exclude=('process_group', 'reducer')):
