@@ -82,3 +82,11 @@ def test_opcheck_count():
         pytest.skip('compiled ops not built')
     ts = [sparse((100,), torch.float32, 0.3, 6), sparse((5, 5), torch.float16, 0.3, 7), torch.zeros(3, dtype=torch.int64)]
     torch.library.opcheck(torch.ops.torchutils_ext.count_zeros.default, (ts,))
+
+
+@pytest.mark.parametrize('bad,exc', [([torch.zeros(3), None], TypeError), ([torch.zeros(3), 'x'], TypeError),
+                                     ([torch.zeros(3), torch.zeros(2, device='meta')], ValueError),
+                                     (torch.zeros(3), TypeError)])
+def test_count_bad_input(backend, bad, exc):
+    with pytest.raises(exc):
+        _ops.count_zeros(bad)

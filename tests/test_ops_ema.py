@@ -128,6 +128,13 @@ BAD = [
     ('overlapping ema', lambda e, m: ([e[1][0], e[1][0]], [m[1][0], m[1][1]]), {}, ValueError),
     ('not a list', lambda e, m: (e[0], m[0]), {}, TypeError),
     ('meta mix', lambda e, m: (e, [m[0], m[1].to('meta')]), {}, ValueError),
+    ('None entry', lambda e, m: ([e[0], None], m), {}, TypeError),
+    ('numpy entry', lambda e, m: (e, [m[0], m[1].numpy()]), {}, TypeError),
+    ('ema is a view of model', lambda e, m: ([e[0], m[1][:2]], [m[0], m[1][1:]]), {}, ValueError),
+    ('ema partly overlaps model', lambda e, m: ([e[0], m[1].view(-1)[3:9]], [m[0], m[1].view(-1)[:6]]), {},
+     ValueError),
+    ('empty ema, full model', lambda e, m: ([], m), {}, ValueError),
+    ('0-d vs 1-element', lambda e, m: ([e[0], e[1][0, 0]], [m[0], m[1][0, :1]]), {}, ValueError),
 ]
 
 
@@ -153,6 +160,10 @@ def test_bad_decay_and_mode(backend, decay, exc):
         _ops.ema_update_(e, m, 0.5, mode='ema')
     with pytest.raises(TypeError):
         _ops.ema_update_(e, m, torch.tensor([0.5, 0.5]))
+    with pytest.raises(TypeError):
+        _ops.ema_update_(e, m, torch.tensor(1))  # an integer decay tensor
+    with pytest.raises(TypeError):
+        _ops.ema_update_(e, m, None)
     assert_untouched(before, e)
 
 

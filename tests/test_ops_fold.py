@@ -181,6 +181,9 @@ def test_fold_bad_input_raises_and_leaves_untouched(backend):
         ([None, None], [good[0]] * 2, [good[1]] * 2, [good[2]] * 2, [good[3]] * 2, [1e-5, float('nan')], [0, 0]),
         ([None], [good[0]] * 2, [good[1]] * 2, [good[2]] * 2, [good[3]] * 2, [1e-5] * 2, [0, 0]),
         ([None, None], [good[0]] * 2, [good[1]] * 2, [good[2]] * 2, [good[3]] * 2, [1e-5] * 2, [0, 5]),
+        ([None, None], [good[0]] * 2, [good[1]] * 2, [good[2]] * 2, [good[3]] * 2, [1e-5, -1.0], [0, 0]),
+        ([None, good[1].to('meta')], [good[0]] * 2, [good[1]] * 2, [good[2]] * 2, [good[3]] * 2, [1e-5] * 2,
+         [0, 0]),  # a bias on another device
     ]
     for c in cases:
         for inplace in (False, True):
@@ -189,6 +192,16 @@ def test_fold_bad_input_raises_and_leaves_untouched(backend):
             assert_untouched(before, w)
     with pytest.raises(TypeError):
         _ops.fold_conv_bn([w[0].long()], [None], [None], [None], [good[2]], [good[3]], [1e-5], [0])
+    with pytest.raises(TypeError):  # integer running_var
+        _ops.fold_conv_bn([w[0]], [None], [None], [None], [good[2]], [good[3].long()], [1e-5], [0])
+    with pytest.raises(ValueError):  # a 1-d weight
+        _ops.fold_conv_bn([w[0].view(-1)[:12]], [None], [None], [None], [good[2]], [good[3]], [1e-5], [0])
+    with pytest.raises(TypeError):  # None where a weight belongs
+        _ops.fold_conv_bn([None], [None], [None], [None], [good[2]], [good[3]], [1e-5], [0])
+    with pytest.raises(ValueError):  # in place into two weights that share memory
+        _ops.fold_conv_bn([w[0], w[0]], [None] * 2, [good[0]] * 2, [good[1]] * 2, [good[2]] * 2, [good[3]] * 2,
+                          [1e-5] * 2, [0, 0], inplace=True)
+    assert_untouched(before, w)
 
 
 def test_opcheck_fold():

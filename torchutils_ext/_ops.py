@@ -100,23 +100,54 @@ if COMPILED:
     @torch.library.register_fake('torchutils_ext::count_zeros')
     def _count_fake(tensors):
         device = tensors[0].device if len(tensors) else torch.device('cpu')
+        _one_device('count_zeros', device, tensors=tensors)
         return torch.empty((), dtype=torch.int64, device=device)
 
     @torch.library.register_fake('torchutils_ext::fold_conv_bn')
     def _fold_fake(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
+        _fold_devices(weight, bias, bn_weight, bn_bias, mean, var)
         return [torch.empty_like(w) for w in weight], _fold_bias_fake(weight, transposed_groups)
 
     @torch.library.register_fake('torchutils_ext::fold_conv_bn_')
     def _fold_inplace_fake(weight, bias_out, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
+        _fold_devices(weight, bias_out, bias, bn_weight, bn_bias, mean, var)
         return None
+
+
+def _one_device(op, device, **lists):
+    """Fake kernels also run in eager mode when a meta tensor sits among real ones (the dispatcher picks the
+    Meta key): that call must fail as the real kernels would, not return empty results or skip the write."""
+    for name, ts in lists.items():
+        for i, t in enumerate(ts):
+            if t is not None and t.device != device:
+                raise ValueError(f'{op}: {name}[{i}] is on {t.device}, expected {device} like the first tensor')
+
+
+def _fold_devices(weight, *lists):
+    if len(weight):
+        _one_device('fold_conv_bn', weight[0].device, weight=weight,
+                    **{f'argument {k}': ts for k, ts in enumerate(lists, 2)})
 
 
 def _fold_bias_fake(weight, transposed_groups):
     return [w.new_empty(w.shape[1] * g if g else w.shape[0]) for w, g in zip(weight, transposed_groups)]
 
 
+@contextlib.contextmanager
+def _argument_types(op):
+    """The dispatcher's argument conversion fails with RuntimeError before any kernel runs; a wrong type is a
+    TypeError here, as the pure-torch path raises (e.g. None or a numpy array inside a tensor list)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if 'Expected a value of type' in str(e):
+            raise TypeError(f'{op}: ' + str(e).split('\n')[0].split(') ', 1)[-1]) from e
+        raise
+
+
 def _device_of(tensors, default='cpu'):
-    return tensors[0].device if len(tensors) else torch.device(default)
+    # not a tensor: the pure-torch path's validation names the problem
+    return tensors[0].device if len(tensors) and isinstance(tensors[0], torch.Tensor) else torch.device(default)
 
 
 def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None = None) -> None:
@@ -133,7 +164,8 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
         raise TypeError(f'decay must be a float or a 0-d tensor, got {type(d).__name__}')
     with torch.no_grad():
         if len(ema) and use_ext('ema_update_', _device_of(ema)):  # an empty list has no device to dispatch on
-            _lib.ema_update_(ema, model, d, decay_tensor, mode)
+            with _argument_types('ema_update_'):
+                _lib.ema_update_(ema, model, d, decay_tensor, mode)
         elif cache is None:
             _reference.ema_update_(ema, model, d, decay_tensor, mode)
         else:
@@ -144,10 +176,13 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
 
 
 def count_zeros(tensors) -> torch.Tensor:
+    if isinstance(tensors, torch.Tensor):  # list() would split it into rows
+        raise TypeError('count_zeros takes a list of tensors, got a tensor')
     tensors = list(tensors)
     with torch.no_grad():
         if tensors and use_ext('count_zeros', _device_of(tensors)):
-            return _lib.count_zeros(tensors)
+            with _argument_types('count_zeros'):
+                return _lib.count_zeros(tensors)
         return _reference.count_zeros(tensors)
 
 
@@ -158,10 +193,13 @@ def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_gr
     with torch.no_grad():
         if len(weight) and use_ext('fold_conv_bn', _device_of(weight)):
             args = (bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
-            if inplace:
-                out_b = _fold_bias_fake(weight, transposed_groups)  # right shape, dtype, device
-                _lib.fold_conv_bn_(weight, out_b, *args)
-                return list(weight), out_b
-            return _lib.fold_conv_bn(weight, *args)
+            with _argument_types('fold_conv_bn'):
+                if inplace:
+                    if not all(isinstance(w, torch.Tensor) for w in weight):
+                        raise TypeError('fold_conv_bn: every weight must be a tensor')
+                    out_b = _fold_bias_fake(weight, transposed_groups)  # right shape, dtype, device
+                    _lib.fold_conv_bn_(weight, out_b, *args)
+                    return list(weight), out_b
+                return _lib.fold_conv_bn(weight, *args)
         return _reference.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
                                        inplace=inplace)

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import check_ema_args, check_fold_args
+from ._validate import check_ema_args, check_fold_args, check_fold_inplace
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -105,6 +105,9 @@ def count_zeros(tensors) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.int64)
     device = tensors[0].device
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f'count_zeros: tensors[{i}] is on {t.device}, tensors[0] on {device}')
     total = sum(t.numel() for t in tensors)
     nonzero = torch.stack([torch.count_nonzero(t).to(device) for t in tensors]).sum()
     return (total - nonzero).to(torch.int64)
@@ -141,6 +144,8 @@ def channel_factor(scale, weight, transposed_groups: int):
 def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups, inplace=False):
     """Fold each BN into its conv: returns (weights, biases). With inplace=True the weights are overwritten."""
     check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
+    if inplace:
+        check_fold_inplace(weight, bias, bn_weight, bn_bias, mean, var)
     out_w, out_b = [], []
     for i, w in enumerate(weight):
         op = _opmath(w.dtype)

@@ -115,3 +115,17 @@ def check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed
         e = eps[i]
         if not (math.isfinite(e) and e >= 0):
             raise ValueError(f'eps[{i}] must be finite and >= 0, got {e}')
+
+
+def check_fold_inplace(weight, *reads):
+    """In-place folding writes every weight: no two may share memory, nor a weight with a BN/bias input."""
+    if not weight or weight[0].device.type == 'meta':
+        return
+    ws = sorted(s for s in (_span(w) for w in weight) if s is not None)
+    if _overlaps(ws):
+        raise ValueError('fold_conv_bn_: two weights overlap in memory; each must own its storage')
+    for xs in reads:
+        for x in xs:
+            s = _span(x) if x is not None else None
+            if s is not None and _hits(ws, s):
+                raise ValueError('fold_conv_bn_: a weight shares memory with a bias or BatchNorm tensor')
