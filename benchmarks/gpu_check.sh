@@ -21,7 +21,19 @@ echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
 $PY -c "import torchutils_ext as t; print(t.backend_info())" | tee -a "$OUT/env.txt"
 
 $PY -m pytest tests/test_cuda.py -q -rs 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
-$PY -m pytest tests/ -q -m "not slow" -p no:cacheprovider 2>&1 | tail -6 | tee "$OUT/all_tests.txt"
+# faulthandler: a crash prints the Python stack. Session 1 saw a segfault under torch 2.11 on the H100 that
+# CPU runs of 2.11/2.13/2.14 do not show; on a crash, rerun file by file (verbose) to name the test.
+$PY -X faulthandler -m pytest tests/ -q -m "not slow" -p no:cacheprovider > "$OUT/all_tests_full.txt" 2>&1
+rc=$?
+tail -6 "$OUT/all_tests_full.txt" | tee "$OUT/all_tests.txt"
+if [ "$rc" -gt 1 ] || grep -q "Fatal Python error" "$OUT/all_tests_full.txt"; then
+  echo "test run ended with rc=$rc: per-file rerun" | tee -a "$OUT/all_tests.txt"
+  for f in tests/test_*.py; do
+    timeout 120 $PY -X faulthandler -m pytest "$f" -v -m "not slow" -p no:cacheprovider \
+      > "$OUT/crash_$(basename "$f" .py).txt" 2>&1
+    echo "$f rc=$?" | tee -a "$OUT/all_tests.txt"
+  done
+fi
 timeout 300 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider 2>&1 \
   | tee "$OUT/bench.txt" | grep -E '^\||^#|passed|failed|error'
 cp benchmarks/results/cuda*.md benchmarks/results/cuda*.json "$OUT/" 2>/dev/null

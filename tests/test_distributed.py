@@ -26,6 +26,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _net():
+    torch.manual_seed(0)  # same init on every rank; DDP also broadcasts rank 0's weights
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _batches(steps=3):
+    g = torch.Generator().manual_seed(100)
+    return [torch.randn(WORLD * 16, 4, generator=g) for _ in range(steps)]
+
+
 def _worker(rank, port, tmp):
     torch.set_num_threads(1)
     if platform.system() == 'Linux':
@@ -43,20 +53,21 @@ def _worker(rank, port, tmp):
             with open(log, 'a') as f:
                 f.write(f'{rank} exit {time.time():.6f}\n')
 
-        torch.manual_seed(0)  # same init on both ranks; DDP also broadcasts rank 0's weights
-        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        model = _net()
         ddp = smart_DDP(model)
         ok = is_parallel(ddp) and de_parallel(ddp) is model and ddp.device_ids is None
+        ema = torchutils_ext.ModelEMA(ddp, decay=0.9, tau=1.0)  # unwraps DDP, as train.py passes it
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        torch.manual_seed(100 + rank)  # different data per rank: gradients must be averaged to agree
-        for _ in range(2):
-            x = torch.randn(16, 4)
-            loss = ddp(x).pow(2).mean()
+        for x in _batches():
+            loss = ddp(x[rank * 16:(rank + 1) * 16]).pow(2).mean()  # each rank its half of the batch
             opt.zero_grad()
             loss.backward()
             opt.step()
+            ema.update(ddp)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        torch.save({'ok': ok, 'params': flat}, os.path.join(tmp, f'rank{rank}.pt'))
+        ema_flat = torch.cat([p.detach().flatten() for p in ema.ema.parameters()])
+        torch.save({'ok': ok, 'params': flat, 'ema': ema_flat, 'updates': ema.updates},
+                   os.path.join(tmp, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
 
@@ -80,11 +91,24 @@ def test_two_process_gloo(tmp_path):
     assert events[2][2] >= events[1][2]  # rank 1 entered only after rank 0 left
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD))
     assert r0['ok'] and r1['ok']
-    torch.manual_seed(0)
-    init = torch.cat([p.detach().flatten() for p in nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-                      .parameters()])
+    init = torch.cat([p.detach().flatten() for p in _net().parameters()])
     assert not torch.equal(r0['params'], init)  # the steps changed the weights
     assert torch.allclose(r0['params'], r1['params'], atol=1e-6)  # and all-reduced grads kept ranks in sync
+    # single-process reference: the whole batch at once (DDP averages the two halves' gradients)
+    model = _net()
+    ema = torchutils_ext.ModelEMA(model, decay=0.9, tau=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in _batches():
+        loss = (model(x[:16]).pow(2).mean() + model(x[16:]).pow(2).mean()) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+    ref = torch.cat([p.detach().flatten() for p in ema.ema.parameters()])
+    assert r0['updates'] == r1['updates'] == ema.updates == 3
+    assert not torch.allclose(ref, init, atol=1e-3)  # the EMA moved
+    torch.testing.assert_close(r0['ema'], ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r1['ema'], ref, rtol=1e-5, atol=1e-6)
 
 
 # ---- no process group -------------------------------------------------------------------------------------

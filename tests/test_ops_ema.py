@@ -191,3 +191,40 @@ def test_fullgraph_compile_has_no_graph_break():
 
     step(e, m)
     assert all(torch.equal(a, b) for a, b in zip(ref, e))
+
+
+@pytest.mark.skipif(not _ops.COMPILED, reason='EmaPlan is part of the compiled extension')
+def test_ema_plan_matches_op_and_rechecks_its_tensors():
+    """torch.classes.torchutils_ext.EmaPlan (ModelEMA's per-call path): same bits as the op; a tensor swapped
+    under it (.data =) is revalidated, and an unfit swap raises before anything is written."""
+    ema, model = make(SHAPES, seed=21), make(SHAPES, seed=22)
+    ref = snapshot(ema)
+    plan = torch.classes.torchutils_ext.EmaPlan(ema, model, 'yolov5')
+    v0 = ema[0]._version
+    for d in (0.5, 0.9, 0.99):
+        plan.update(d, None)
+        _ops._lib.ema_update_(ref, model, d, None, 'yolov5')
+    assert all(torch.equal(a, b) for a, b in zip(ema, ref)) and plan.revalidations() == 0
+    assert ema[0]._version > v0  # bumped like any in-place op
+    plan.update(0.0, torch.tensor(0.75, dtype=torch.float64))
+    _ops._lib.ema_update_(ref, model, 0.0, torch.tensor(0.75, dtype=torch.float64), 'yolov5')
+    assert all(torch.equal(a, b) for a, b in zip(ema, ref))
+
+    model[2].data = model[2].data.bfloat16()  # same tensor object, new dtype and memory
+    plan.update(0.7, None)
+    _ops._lib.ema_update_(ref, model, 0.7, None, 'yolov5')
+    assert all(torch.equal(a, b) for a, b in zip(ema, ref)) and plan.revalidations() == 1
+
+    before_e, before_m = snapshot(ema), snapshot(model)
+    ema[1].data = model[1].data  # now aliases a model tensor
+    with pytest.raises(ValueError, match='shares memory'):
+        plan.update(0.5, None)
+    assert_untouched(before_m, model)
+    assert_untouched([t for i, t in enumerate(before_e) if i != 1], [t for i, t in enumerate(ema) if i != 1])
+    ema[1].data = before_e[1].clone()
+    for bad, exc in ((1.5, ValueError), (float('nan'), ValueError)):
+        with pytest.raises(exc):
+            plan.update(bad, None)
+    with pytest.raises(TypeError):
+        plan.update(0.5, torch.tensor([0.5, 0.5]))
+    assert_untouched(before_e, ema)

@@ -153,8 +153,9 @@ def _device_of(tensors, default='cpu'):
 def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None = None) -> None:
     """In-place EMA over matching tensor lists; ``decay`` is a float or a 0-d tensor (no host sync).
 
-    ``cache``: a dict the caller keeps with these lists (ModelEMA does); the pure-torch path stores its
-    validated-once batch there and revalidates only when the tensors change.
+    ``cache``: a dict the caller keeps beside these very list objects, whose contents it does not change
+    (ModelEMA does). The compiled path keeps a validated-once EmaPlan there (one C++ call per update, with a
+    C++ recheck of every tensor's pointer/dtype/shape); the pure-torch path keeps its validated batch.
     """
     decay_tensor = decay if isinstance(decay, torch.Tensor) else None
     d = 0.0 if decay_tensor is not None else decay
@@ -164,8 +165,16 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
         raise TypeError(f'decay must be a float or a 0-d tensor, got {type(d).__name__}')
     with torch.no_grad():
         if len(ema) and use_ext('ema_update_', _device_of(ema)):  # an empty list has no device to dispatch on
-            with _argument_types('ema_update_'):
-                _lib.ema_update_(ema, model, d, decay_tensor, mode)
+            if cache is None or torch.compiler.is_compiling():  # compile traces the op, not a C++ object
+                with _argument_types('ema_update_'):
+                    _lib.ema_update_(ema, model, d, decay_tensor, mode)
+                return
+            key = cache.get('ext_key')
+            if key is None or key[0] is not ema or key[1] is not model or key[2] != mode:
+                with _argument_types('ema_update_'):
+                    cache['ext_plan'] = torch.classes.torchutils_ext.EmaPlan(list(ema), list(model), mode)
+                cache['ext_key'] = (ema, model, mode)
+            cache['ext_plan'].update(float(d), decay_tensor)
         elif cache is None:
             _reference.ema_update_(ema, model, d, decay_tensor, mode)
         else:

@@ -151,7 +151,8 @@ class ModelEMA:
         plan = self._plan_for(model)
         d = self.decay(self.updates + 1)
         for (ema_list, model_list), cache in zip(plan.lists(), plan.caches):
-            ema_update_(ema_list, model_list, d, self.mode, cache=cache)
+            # sharded lists are rebuilt each call (fresh local shards): no cache for them
+            ema_update_(ema_list, model_list, d, self.mode, cache=None if plan.sharded else cache)
         if self.copy_buffers and plan.ints[0]:
             with torch.no_grad():
                 torch._foreach_copy_([_local(t) for t in plan.ints[0]], [_local(t) for t in plan.ints[1]])

@@ -54,6 +54,24 @@ void check_no_overlap(at::TensorList writes, at::TensorList reads, const char* w
   }
 }
 
+void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>& decay_tensor,
+                   std::optional<at::Device> device) {
+  call.decay_tensor.reset();
+  if (decay_tensor.has_value()) {
+    const auto& d = *decay_tensor;
+    TORCH_CHECK_TYPE(d.dim() == 0, "ema_update_: decay tensor must be 0-d, got shape ", d.sizes());
+    TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
+                     "ema_update_: decay tensor must be float32 or float64, got ", d.scalar_type());
+    TORCH_CHECK_VALUE(!device || d.device() == *device || d.device().is_cpu(), "ema_update_: decay tensor is on ",
+                      d.device(), ", the tensors on ", *device);
+    call.decay_tensor = d;
+  } else {
+    TORCH_CHECK_VALUE(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0,
+                      "ema_update_: decay must be a finite number in [0, 1], got ", decay);
+    call.decay = decay;
+  }
+}
+
 EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
                        const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
   EmaCall call;
@@ -62,19 +80,7 @@ EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
   TORCH_CHECK_VALUE(mode == "yolov5" || mode == "lerp", "ema_update_: mode must be 'yolov5' or 'lerp', got '",
                     std::string(mode), "'");
   call.lerp = mode == "lerp";
-  if (decay_tensor.has_value()) {
-    const auto& d = *decay_tensor;
-    TORCH_CHECK_TYPE(d.dim() == 0, "ema_update_: decay tensor must be 0-d, got shape ", d.sizes());
-    TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
-                     "ema_update_: decay tensor must be float32 or float64, got ", d.scalar_type());
-    TORCH_CHECK_VALUE(ema.empty() || d.device() == ema[0].device() || d.device().is_cpu(),
-                      "ema_update_: decay tensor is on ", d.device(), ", the tensors on ", ema[0].device());
-    call.decay_tensor = d;
-  } else {
-    TORCH_CHECK_VALUE(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0,
-                      "ema_update_: decay must be a finite number in [0, 1], got ", decay);
-    call.decay = decay;
-  }
+  set_ema_decay(call, decay, decay_tensor, ema.empty() ? std::nullopt : std::optional<at::Device>(ema[0].device()));
   for (size_t i = 0; i < ema.size(); ++i) {
     const auto &e = ema[i], &m = model[i];
     auto k = kind_of(e.scalar_type(), m.scalar_type());
@@ -91,6 +97,20 @@ EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
   }
   check_no_overlap(ema, model, "ema_update_");
   return call;
+}
+
+namespace {
+EmaRunner g_runners[2] = {nullptr, nullptr};  // CPU, CUDA
+int runner_slot(c10::DeviceType d) { return d == c10::DeviceType::CPU ? 0 : d == c10::DeviceType::CUDA ? 1 : -1; }
+}  // namespace
+
+EmaRunnerRegistration::EmaRunnerRegistration(c10::DeviceType device, EmaRunner runner) {
+  g_runners[runner_slot(device)] = runner;
+}
+
+EmaRunner ema_runner(c10::DeviceType device) {
+  const int s = runner_slot(device);
+  return s < 0 ? nullptr : g_runners[s];
 }
 
 void ema_update_aten(const at::Tensor& ema, const at::Tensor& model, const EmaCall& call) {

@@ -1,6 +1,7 @@
 // Validation and the generic (ATen) path of ema_update_, shared by the CPU and CUDA kernels.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -21,6 +22,18 @@ struct EmaCall {
 // Checks everything (raising ValueError/TypeError naming the problem) before any tensor is written.
 EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
                        const std::optional<at::Tensor>& decay_tensor, c10::string_view mode);
+
+// Checks decay (finite, in [0, 1]) or decay_tensor (0-d float/double, on `device` or the CPU) into call.
+void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>& decay_tensor,
+                   std::optional<at::Device> device);
+
+// Runs a validated call on the device of its tensors: the kernels behind ema_update_, and EmaPlan's fast path.
+// Registered by the CPU and CUDA kernel files when the library loads.
+using EmaRunner = void (*)(const EmaCall& call, at::TensorList ema, at::TensorList model);
+struct EmaRunnerRegistration {
+  EmaRunnerRegistration(c10::DeviceType device, EmaRunner runner);
+};
+EmaRunner ema_runner(c10::DeviceType device);  // nullptr when none was built for it
 
 // One pair through ATen ops, with the same rounding steps as the fast kernels (for strided tensors).
 void ema_update_aten(const at::Tensor& ema, const at::Tensor& model, const EmaCall& call);

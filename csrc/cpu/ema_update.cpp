@@ -69,9 +69,7 @@ inline void prefetch_item(const Work& w) {
   for (int64_t o = 0; o < mb; o += 64) __builtin_prefetch(w.m + o, 0);
 }
 
-void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay,
-                    const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
-  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode);
+void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   const double d = call.decay_tensor ? call.decay_tensor->item<double>() : call.decay;
   const double omd = 1.0 - d;  // in double, then rounded per kind: the seed's (1 - d) is a Python float
 
@@ -94,6 +92,13 @@ void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay,
   });
   for (int64_t i : call.slow) ema_update_aten(ema[i], model[i], call);
 }
+
+void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay,
+                    const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
+  ema_run_cpu(check_ema_args(ema, model, decay, decay_tensor, mode), ema, model);
+}
+
+const EmaRunnerRegistration register_cpu_runner(c10::DeviceType::CPU, &ema_run_cpu);
 
 }  // namespace
 

@@ -23,9 +23,7 @@ void check_cuda(at::TensorList ts, const char* op) {
                       "; the CUDA kernel takes CUDA tensors only");
 }
 
-void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
-                     const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
-  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode);
+void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   if (ema.empty()) return;
   check_cuda(ema, "ema_update_");
   const c10::cuda::CUDAGuard guard(ema[0].device());
@@ -48,6 +46,13 @@ void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
   check_launch("ema_update_");
   for (int64_t i : call.slow) ema_update_aten(ema[i], model[i], call);
 }
+
+void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
+                     const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
+  ema_run_cuda(check_ema_args(ema, model, decay, decay_tensor, mode), ema, model);
+}
+
+const EmaRunnerRegistration register_cuda_runner(c10::DeviceType::CUDA, &ema_run_cuda);
 
 at::Tensor count_zeros_cuda(at::TensorList tensors) {
   check_cuda(tensors, "count_zeros");
