@@ -1,16 +1,13 @@
 """DDP helpers: a real 2-process gloo run on CPU, plus no-process-group and nccl-argument checks."""
-import datetime
 import os
-import platform
-import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from gloo_helpers import free_port, init_gloo, run_workers
 
 import torchutils_ext
 from torchutils_ext import de_parallel, is_parallel, smart_DDP, torch_distributed_zero_first
@@ -18,12 +15,6 @@ from torchutils_ext import distributed as dist_mod
 
 WORLD = 2
 TIMEOUT_S = 90
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _net():
@@ -37,11 +28,7 @@ def _batches(steps=3):
 
 
 def _worker(rank, port, tmp):
-    torch.set_num_threads(1)
-    if platform.system() == 'Linux':
-        os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')  # loopback only
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, WORLD, port)
     try:
         log = os.path.join(tmp, 'order.log')
         # zero_first: rank 0 lingers inside the block; without the barrier rank 1 would write first
@@ -74,17 +61,7 @@ def _worker(rank, port, tmp):
 
 @pytest.mark.slow
 def test_two_process_gloo(tmp_path):
-    port = _free_port()
-    ctx = mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False, start_method='spawn')
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f'gloo workers did not finish within {TIMEOUT_S}s')
-    finally:
-        for p in ctx.processes:  # only the processes this test started
-            if p.is_alive():
-                p.kill()
+    run_workers(_worker, (free_port(), str(tmp_path)), WORLD, TIMEOUT_S, 'gloo')
     lines = (tmp_path / 'order.log').read_text().split()
     events = [(lines[i], lines[i + 1], float(lines[i + 2])) for i in range(0, len(lines), 3)]
     assert [e[:2] for e in events] == [('0', 'enter'), ('0', 'exit'), ('1', 'enter'), ('1', 'exit')]

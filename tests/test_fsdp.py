@@ -1,16 +1,10 @@
 """FSDP2 (fully_shard) on CPU/gloo, 2 processes: ModelEMA updates the local shards of DTensor parameters, with
 no collective inside update(), and ends equal to a single-process EMA of the same training."""
-import datetime
-import os
-import platform
-import socket
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from gloo_helpers import free_port, init_gloo, run_workers
 
 import torchutils_ext as tx
 
@@ -54,11 +48,7 @@ def _collectives(prof):
 
 
 def _worker(rank, port, out):
-    torch.set_num_threads(1)
-    if platform.system() == 'Linux':
-        os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, WORLD, port)
     try:
         model = _net()
         model[1].eval()  # BN statistics of one rank's half would differ from the full batch's
@@ -93,25 +83,10 @@ def _worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_model_ema_on_fully_sharded_model(tmp_path):
     out = str(tmp_path / 'rank0.pt')
-    ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method='spawn')
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f'FSDP workers did not finish within {TIMEOUT_S}s')
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_workers(_worker, (free_port(), out), WORLD, TIMEOUT_S, 'FSDP')
     got = torch.load(out)
     assert 'fully_shard' in got['refused']  # ModelEMA of an already-sharded model: a clear TypeError
     assert got['types'] == {'DTensor'} and got['updates'] == STEPS
