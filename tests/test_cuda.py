@@ -109,6 +109,37 @@ def test_model_ema_update_is_one_launch():
     assert 'ema_kernel' in next(iter(names))
 
 
+def test_ema_plan_on_cuda_matches_cpu_and_captures():
+    """ModelEMA's path on CUDA (the C++ EmaPlan): same bits as the CPU kernel; decay as a device tensor inside a
+    captured graph; a .data swap to bf16 is revalidated."""
+    ema, model = make(SHAPES, torch.float32, 9), make(SHAPES, torch.float32, 10)
+    cpu_e, cpu_m = [t.cpu() for t in ema], [t.cpu() for t in model]
+    plan = torch.classes.torchutils_ext.EmaPlan(ema, model, 'yolov5')
+    plan.update(0.75, None)
+    torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.75, None, 'yolov5')
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
+    decay = torch.tensor(0.5, device='cuda')
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        plan.update(0.0, decay)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.update(0.0, decay)
+    decay.fill_(0.25)
+    graph.replay()
+    torch.cuda.synchronize()
+    for d in (0.5, 0.25):
+        torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, d, None, 'yolov5')
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
+    model[1].data = model[1].data.bfloat16()
+    plan.update(0.5, None)
+    cpu_m[1] = model[1].cpu()
+    torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.5, None, 'yolov5')
+    assert plan.revalidations() == 1 and all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
+
+
 def test_count_zeros_matches_cpu():
     ts = make(SHAPES, torch.float32, 9)
     for t in ts:

@@ -1,7 +1,7 @@
 // Validation, per-channel BN factors, and the generic (ATen) path of fold_conv_bn, shared by CPU and CUDA.
 #pragma once
+#include <ATen/ATen.h>
 #include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <vector>
@@ -42,5 +42,34 @@ RowLayout row_layout(const at::Tensor& w, int64_t transposed_groups);
 // Layer i through ATen broadcasting (any strides); writes out_w (may alias weight) and out_b (allocated
 // when undefined).
 void fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& out_b);
+
+// A device's folding loop: writes out_w (each may be the weight itself) and out_b (undefined entries are
+// allocated), returns out_b.
+using FoldInto = std::vector<at::Tensor> (*)(const FoldArgs& a, const std::vector<at::Tensor>& out_w,
+                                             std::vector<at::Tensor> out_b);
+
+// The two op entry points over a device's FoldInto: fold_conv_bn (new weights, dense strides of the old:
+// channels_last stays) and fold_conv_bn_ (in place). Everything is checked before anything is written.
+template <FoldInto Fold>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fold_functional(
+    at::TensorList weight, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
+    at::TensorList mean, at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
+  const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
+  check_fold_args(a);
+  std::vector<at::Tensor> out_w;
+  for (const auto& w : weight) out_w.push_back(at::empty_like(w));
+  auto out_b = Fold(a, out_w, bias_outputs({}, weight.size()));
+  return {out_w, out_b};
+}
+
+template <FoldInto Fold>
+void fold_inplace(at::TensorList weight, at::TensorList bias_out, const OptTensorList& bias,
+                  const OptTensorList& bn_weight, const OptTensorList& bn_bias, at::TensorList mean,
+                  at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
+  const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
+  check_fold_args(a);
+  check_fold_outputs(a, bias_out);
+  Fold(a, weight.vec(), bias_outputs(bias_out, weight.size()));
+}
 
 }  // namespace torchutils_ext

@@ -123,33 +123,13 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
   return out_b;
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fold_conv_bn_cuda(
-    at::TensorList weight, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
-    at::TensorList mean, at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
-  const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
-  check_fold_args(a);
-  std::vector<at::Tensor> out_w;
-  for (const auto& w : weight) out_w.push_back(at::empty_like(w));
-  auto out_b = fold_into(a, out_w, bias_outputs({}, weight.size()));
-  return {out_w, out_b};
-}
-
-void fold_conv_bn_inplace_cuda(
-    at::TensorList weight, at::TensorList bias_out, const OptTensorList& bias, const OptTensorList& bn_weight, const OptTensorList& bn_bias,
-    at::TensorList mean, at::TensorList var, at::ArrayRef<double> eps, at::IntArrayRef groups) {
-  const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
-  check_fold_args(a);
-  check_fold_outputs(a, bias_out);
-  fold_into(a, weight.vec(), bias_outputs(bias_out, weight.size()));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchutils_ext, CUDA, m) {
   m.impl("ema_update_", &ema_update_cuda);
   m.impl("count_zeros", &count_zeros_cuda);
-  m.impl("fold_conv_bn", &fold_conv_bn_cuda);
-  m.impl("fold_conv_bn_", &fold_conv_bn_inplace_cuda);
+  m.impl("fold_conv_bn", &fold_functional<&fold_into>);
+  m.impl("fold_conv_bn_", &fold_inplace<&fold_into>);
 }
 
 }  // namespace torchutils_ext
