@@ -253,3 +253,20 @@ def test_pure_torch_path_revalidates_when_tensors_change():
     w = model[0].weight.detach()
     ref = before['0.weight'] * 0.5 + 0.5 * w.float()
     torch.testing.assert_close(ema.ema[0].weight, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_replaced_submodule_is_tracked():
+    """`model.block = NewBlock()` leaves the old block's dicts intact, so the slot check alone would keep
+    averaging the old tensors; the module-registration generation makes the plan look again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    ema = tx.ModelEMA(model, decay=0.5, tau=1e-9)
+    ema.update(model)
+    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    model[1] = nn.Linear(4, 2)  # same shapes, new tensors
+    ema.update(model)
+    new_w = model[1].weight.detach()
+    torch.testing.assert_close(ema.ema[1].weight, before['1.weight'] * 0.5 + 0.5 * new_w, rtol=1e-6, atol=1e-7)
+    model[1] = nn.Linear(4, 3)  # a different structure: a clear error, not a silent stale EMA
+    with pytest.raises(ValueError):
+        ema.update(model)

@@ -33,6 +33,27 @@ def _state_slots(module: nn.Module):
     return slots
 
 
+_GENERATION = [0]  # bumped whenever a submodule is assigned or registered anywhere in this process
+_HOOK = []
+
+
+def _bump_generation(module, name, submodule):
+    _GENERATION[0] += 1
+
+
+def _watch_submodules():
+    """A plan checks the parameter/buffer slots it holds, which cannot see `model.block = NewBlock()`: the old
+    block's dicts still hold the old tensors. A global module-registration hook (installed once, a counter
+    bump per registration) tells a plan to recheck its module tree (rare: not every step)."""
+    if not _HOOK:
+        _HOOK.append(nn.modules.module.register_module_module_registration_hook(_bump_generation))
+
+
+def _module_tree(module: nn.Module):
+    """(parent's _modules dict, name, child) for every submodule edge."""
+    return [(m._modules, name, child) for m in module.modules() for name, child in m._modules.items()]
+
+
 def _is_dtensor(t) -> bool:
     mod = sys.modules.get('torch.distributed.tensor')  # not imported: no DTensor can exist, and no import cost
     return mod is not None and isinstance(t, mod.DTensor)
@@ -69,6 +90,7 @@ class _Plan:
 
     def __init__(self, ema: nn.Module, model: nn.Module):
         self.ema_module, self.model_module = ema, model
+        self.generation, self.tree = _GENERATION[0], _module_tree(ema) + _module_tree(model)
         es, ms = _state_slots(ema), _state_slots(model)
         missing = [k for k in es if k not in ms]
         if missing:
@@ -109,8 +131,14 @@ class _Plan:
         return [([_local(e) for e in es], [_local(m) for m in ms]) for es, ms in self.groups]
 
     def current(self, ema: nn.Module, model: nn.Module) -> bool:
-        return (ema is self.ema_module and model is self.model_module
-                and all(map(is_, map(getitem, self.dicts, self.keys), self.tensors)))
+        if not (ema is self.ema_module and model is self.model_module
+                and all(map(is_, map(getitem, self.dicts, self.keys), self.tensors))):
+            return False
+        if _GENERATION[0] != self.generation:  # some submodule was (re)assigned somewhere: is it one of ours?
+            if not all(d.get(name) is child for d, name, child in self.tree):
+                return False
+            self.generation = _GENERATION[0]
+        return True
 
 
 class ModelEMA:
@@ -137,6 +165,7 @@ class ModelEMA:
         self.mode = mode
         self.copy_buffers = copy_buffers
         self._plan = None
+        _watch_submodules()
         for p in self.ema.parameters():
             p.requires_grad_(False)
 
