@@ -26,9 +26,22 @@ def init_gloo(rank, world, port):
                             timeout=datetime.timedelta(seconds=60))
 
 
+_PORT_ERRORS = ('Address already in use', 'EADDRINUSE', 'Connection refused', 'ECONNREFUSED')
+
+
 def run_workers(worker, args, nprocs, timeout_s, what):
-    """Spawn worker(rank, *args) in nprocs processes; fail the test after timeout_s and kill what is left
-    (only the processes this call started)."""
+    """Spawn worker(rank, port, *args) in nprocs processes on a free loopback port; fail the test after
+    timeout_s and kill what is left (only the processes this call started). The port is free when picked but
+    may be taken before gloo binds it: that one failure is retried once on a new port."""
+    for attempt in (1, 2):
+        try:
+            return _run_once(worker, (free_port(), *args), nprocs, timeout_s, what)
+        except mp.ProcessRaisedException as e:
+            if attempt == 2 or not any(s in str(e) for s in _PORT_ERRORS):
+                raise
+
+
+def _run_once(worker, args, nprocs, timeout_s, what):
     ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method='spawn')
     deadline = time.monotonic() + timeout_s
     try:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from gloo_helpers import free_port, init_gloo, run_workers
+from gloo_helpers import init_gloo, run_workers
 
 import torchutils_ext as tx
 
@@ -86,7 +86,7 @@ def _worker(rank, port, out):
 @pytest.mark.slow
 def test_model_ema_on_fully_sharded_model(tmp_path):
     out = str(tmp_path / 'rank0.pt')
-    run_workers(_worker, (free_port(), out), WORLD, TIMEOUT_S, 'FSDP')
+    run_workers(_worker, (out,), WORLD, TIMEOUT_S, 'FSDP')
     got = torch.load(out)
     assert 'fully_shard' in got['refused']  # ModelEMA of an already-sharded model: a clear TypeError
     assert got['types'] == {'DTensor'} and got['updates'] == STEPS
