@@ -270,3 +270,28 @@ def test_replaced_submodule_is_tracked():
     model[1] = nn.Linear(4, 3)  # a different structure: a clear error, not a silent stale EMA
     with pytest.raises(ValueError):
         ema.update(model)
+
+
+@pytest.mark.parametrize('impl', ['c', 'python'])
+def test_slot_check_sees_replaced_and_removed_slots(monkeypatch, impl):
+    """The per-step slot check (a C loop when compiled, Python otherwise): a replaced buffer or a removed
+    parameter makes the plan stale, and the rebuilt plan follows the model again."""
+    from torchutils_ext import ema as ema_mod
+    if impl == 'python':
+        monkeypatch.setattr(ema_mod, '_SAME_ITEMS', None)
+    elif ema_mod._SAME_ITEMS is None:
+        pytest.skip('compiled extension not built')
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = tx.ModelEMA(model)
+    ema.update(model)
+    plan = ema._plan
+    assert plan.current(ema.ema, model)
+    model[1].running_mean = torch.zeros(4)  # a new buffer tensor in the same slot
+    assert not plan.current(ema.ema, model)
+    ema.update(model)
+    assert ema._plan is not plan and ema._plan.current(ema.ema, model)
+    plan = ema._plan
+    del model[0]._parameters['bias']  # a removed slot: stale, and the rebuild names the mismatch
+    assert not plan.current(ema.ema, model)
+    with pytest.raises(ValueError, match='structure'):
+        ema.update(model)

@@ -14,6 +14,7 @@ from operator import getitem, is_
 import torch
 import torch.nn as nn
 
+from . import _ops
 from ._ops import ema_update_
 from .distributed import de_parallel
 from .training import copy_attr
@@ -33,6 +34,7 @@ def _state_slots(module: nn.Module):
     return slots
 
 
+_SAME_ITEMS = getattr(_ops._C, 'same_items', None)  # None without the compiled extension
 _GENERATION = [0]  # bumped whenever a submodule is assigned or registered anywhere in this process
 _HOOK = []
 
@@ -124,6 +126,16 @@ class _Plan:
         self.groups = list(groups.values())
         self.caches = [{} for _ in self.groups]  # per group, for the pure-torch path's validated batch
 
+    def _same_slots(self) -> bool:
+        """Every slot still holds the tensor this plan holds (a removed slot counts as changed)."""
+        if _SAME_ITEMS is not None and not torch.compiler.is_compiling():  # dynamo cannot trace the C loop
+            # C loop with prefetching, yolov5n after a flush: 175 -> 42 us
+            return _SAME_ITEMS(self.dicts, self.keys, self.tensors)
+        try:
+            return all(map(is_, map(getitem, self.dicts, self.keys), self.tensors))
+        except KeyError:
+            return False
+
     def lists(self):
         """(ema, model) lists per group; sharded (DTensor) entries as their local shards, read fresh each call."""
         if not self.sharded:
@@ -131,8 +143,7 @@ class _Plan:
         return [([_local(e) for e in es], [_local(m) for m in ms]) for es, ms in self.groups]
 
     def current(self, ema: nn.Module, model: nn.Module) -> bool:
-        if not (ema is self.ema_module and model is self.model_module
-                and all(map(is_, map(getitem, self.dicts, self.keys), self.tensors))):
+        if not (ema is self.ema_module and model is self.model_module and self._same_slots()):
             return False
         if _GENERATION[0] != self.generation:  # some submodule was (re)assigned somewhere: is it one of ours?
             if not all(d.get(name) is child for d, name, child in self.tree):
