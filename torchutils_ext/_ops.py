@@ -150,6 +150,14 @@ def _device_of(tensors, default='cpu'):
     return tensors[0].device if len(tensors) and isinstance(tensors[0], torch.Tensor) else torch.device(default)
 
 
+def _cached_plan(cache, ema, model, mode):
+    """The cache's EmaPlan when it was built for these very lists, this mode and this backend, else None."""
+    key = cache.get('ext_key')
+    if key is not None and key[0] is ema and key[1] is model and key[2] == mode and key[3] == _backend:
+        return cache['ext_plan']
+    return None
+
+
 def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None = None) -> None:
     """In-place EMA over matching tensor lists; ``decay`` is a float or a 0-d tensor (no host sync).
 
@@ -157,16 +165,14 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
     (ModelEMA does). The compiled path keeps a validated-once EmaPlan there (one C++ call per update, with a
     C++ recheck of every tensor's pointer/dtype/shape); the pure-torch path keeps its validated batch.
     """
-    plan = cache.get('ext_plan') if cache is not None else None
+    plan = _cached_plan(cache, ema, model, mode) if cache is not None else None
     if plan is not None and not torch.compiler.is_compiling():
-        # the per-step path: the same lists, mode and backend as when the plan was built (its C++ side rechecks
-        # every tensor); no grad mode needed, the plan calls the kernel below autograd
-        key = cache['ext_key']
-        if key[0] is ema and key[1] is model and key[2] == mode and key[3] == _backend:
-            if isinstance(decay, torch.Tensor):
-                return plan.update(0.0, decay)
-            if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-                return plan.update(float(decay), None)
+        # the per-step path: the plan's C++ side rechecks every tensor; no grad mode needed, it calls the kernel
+        # below autograd
+        if isinstance(decay, torch.Tensor):
+            return plan.update(0.0, decay)
+        if isinstance(decay, (int, float)) and not isinstance(decay, bool):
+            return plan.update(float(decay), None)
     decay_tensor = decay if isinstance(decay, torch.Tensor) else None
     d = 0.0 if decay_tensor is not None else decay
     if not isinstance(ema, (list, tuple)) or not isinstance(model, (list, tuple)):
@@ -179,12 +185,12 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
                 with _argument_types('ema_update_'):
                     _lib.ema_update_(ema, model, d, decay_tensor, mode)
                 return
-            key = cache.get('ext_key')
-            if key is None or key[0] is not ema or key[1] is not model or key[2] != mode or key[3] != _backend:
+            plan = _cached_plan(cache, ema, model, mode)
+            if plan is None:
                 with _argument_types('ema_update_'):
-                    cache['ext_plan'] = torch.classes.torchutils_ext.EmaPlan(list(ema), list(model), mode)
+                    plan = cache['ext_plan'] = torch.classes.torchutils_ext.EmaPlan(list(ema), list(model), mode)
                 cache['ext_key'] = (ema, model, mode, _backend)
-            cache['ext_plan'].update(float(d), decay_tensor)
+            plan.update(float(d), decay_tensor)
         elif cache is None:
             _reference.ema_update_(ema, model, d, decay_tensor, mode)
         else:
