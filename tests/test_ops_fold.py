@@ -165,6 +165,50 @@ def test_fuse_model_sequential_and_plain_block(backend):
     torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+class FuseBlock(nn.Module):  # the YOLOv5 Conv convention: .conv, .bn and a forward_fuse
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def forward_fuse(self, x):
+        return self.conv(x)
+
+
+def test_fuse_model_shared_block_hooks_and_setattr_overrides(backend):
+    """fuse_model's dict-store shortcuts must not change what Module.__setattr__ would do: a global parameter
+    registration hook still sees each new bias, a class overriding __setattr__ still gets its calls, and a
+    block reachable twice is folded once."""
+    torch.manual_seed(0)
+    calls = []
+
+    class Watched(FuseBlock):
+        def __setattr__(self, name, value):
+            calls.append(name)
+            super().__setattr__(name, value)
+
+    shared = FuseBlock()
+    model = nn.Sequential(shared, Watched(), shared, FuseBlock()).eval()
+    for i, m in enumerate(model.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            randomize_bn(m, i)
+    x = torch.randn(2, 4, 6, 6)
+    ref = copy.deepcopy(model).double()(x.double())
+    seen = []
+    handle = nn.modules.module.register_module_parameter_registration_hook(lambda m, n, p: seen.append((m, n)))
+    try:
+        tx.fuse_model(model)
+    finally:
+        handle.remove()
+    assert 'forward' in calls  # Watched went through its own __setattr__
+    biases = [(m, n) for m, n in seen if n == 'bias']
+    assert len(biases) == 3 and {id(m) for m, _ in biases} == {id(model[i].conv) for i in (0, 1, 3)}
+    assert all(not hasattr(b, 'bn') and b.forward == b.forward_fuse for b in model)
+    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_fold_bad_input_raises_and_leaves_untouched(backend):
     layer, bn, _ = build('conv2d')
     with pytest.raises(ValueError, match='channels'):
