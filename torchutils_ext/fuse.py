@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ._ops import fold_conv_bn
+from ._walk import modules_once
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 # Exact types only: subclasses (timm's BatchNormAct2d, ...) add behaviour that folding would drop.
@@ -73,24 +74,10 @@ def fuse_conv_and_bn(conv, bn):
     return fused
 
 
-def _modules_once(model):
-    """model.modules() in the same order (pre-order, each module once), as a plain walk over ``_modules``:
-    named_modules builds a prefix string per module, ~2x the cost on yolov5l's 468 modules."""
-    out, seen, stack = [], set(), [model]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        out.append(m)
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return out
-
-
 def _find_pairs(model):
     """(parent, layer, bn, how) for YOLO-style blocks (``.conv`` + ``.bn``) and Sequential layer→BN runs."""
     found, seen = [], set()
-    for m in _modules_once(model):
+    for m in modules_once(model):
         kids = m._modules  # dict lookups: getattr misses on ~all modules cost ~10 us each
         conv, bn = kids.get('conv'), kids.get('bn')
         if isinstance(conv, _CONV) and type(bn) in _BN and _attr(bn, 'running_mean') is not None and id(bn) not in seen:
