@@ -51,13 +51,9 @@ def _build(cls, role, backend, base, trained, mdtype):
     if mdtype != torch.float32:
         model.to(mdtype)  # after the EMA exists, as bf16 training would: replaces the model's tensors
     model.load_state_dict(trained)  # in-place copy: cached lists stay valid
-    if role != 'ours':
-        update = lambda: ema.update(model)  # noqa: E731
-    else:
-        def update():
-            with ours.using(backend):
-                ema.update(model)
-    update()
+    update = lambda: ema.update(model)  # noqa: E731  (ours: the backend is selected in the untimed setup)
+    with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
+        update()
     return ema, update
 
 
@@ -98,16 +94,18 @@ def test_ema(case, model_name, cfg, report, flusher, build):
                 report.add(bench, model_name, name, role, check=f'FAIL {type(e).__name__}', note=msg)
                 failures.append(f'{name}: {type(e).__name__}: {msg}')
             continue
-        built[name] = (role, ema, update)
-        calls[name] = (flusher, update)
+        built[name] = (role, backend, ema, update)
+        calls[name] = (ours.setup(role, backend, flusher), update)
     if cfg.device == 'cpu':
         calls[LIMIT] = (flusher, _limit_row(nbytes, mdtype))
-    timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
+    with ours.restoring_backend():
+        timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
     if LIMIT in timings:
         report.add(bench, model_name, LIMIT, 'limit', timings[LIMIT], nbytes, None, 'ok')
 
-    for name, (role, ema, update) in built.items():
-        launches = harness.count_launches(update, cfg.device)
+    for name, (role, backend, ema, update) in built.items():
+        with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
+            launches = harness.count_launches(update, cfg.device)
         got = _float_state(ema.ema)
         err = ema_err(got, v0, m_ref, U0, ema.updates - U0, *tol)
         check = 'ok' if err <= 1 else f'FAIL err {err:.3g}x tol'

@@ -34,20 +34,21 @@ def _impls(device):
 
 
 def _row(fn, role, backend, base):
-    """(setup, call, holder) for one row: setup() makes a fresh unfused copy (untimed), call() fuses it, under our
-    backend for our rows; holder['m'] is the model of the last call. One untimed call proves the row runs."""
+    """(setup, call, holder) for one row: setup() makes a fresh unfused copy (untimed; for our rows it also
+    selects our backend), call() fuses it; holder['m'] is the model of the last call. One untimed call proves
+    the row runs."""
     holder = {}
 
-    def setup():
+    def fresh():
         holder['m'] = deepcopy(base)
 
     def call():
-        with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
-            fn(holder['m'])
+        fn(holder['m'])
 
-    setup()
-    call()
-    return setup, call, holder
+    fresh()
+    with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
+        call()
+    return ours.setup(role, backend, fresh), call, holder
 
 
 def test_fuse(model_name, cfg, report, build):
@@ -71,7 +72,8 @@ def test_fuse(model_name, cfg, report, build):
             failures.append(f'{name}: {type(e).__name__}: {msg}')
             continue
         rows[name], calls[name] = (role, holder), (setup, call)
-    timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
+    with ours.restoring_backend():
+        timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
 
     for name, (role, holder) in rows.items():
         fused = holder.pop('m')

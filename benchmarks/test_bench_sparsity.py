@@ -43,9 +43,8 @@ def test_sparsity(model_name, cfg, report, flusher, build):
             report.add('sparsity', model_name, name, role, note=why or 'not available')
             continue
 
-        def call(fn=fn, role=role, backend=backend):
-            with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
-                return fn(model).item()  # .item() inside the timed call: the host read every caller does
+        def call(fn=fn):
+            return fn(model).item()  # .item() inside the timed call: the host read every caller does
 
         try:
             with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
@@ -55,8 +54,9 @@ def test_sparsity(model_name, cfg, report, flusher, build):
             report.add('sparsity', model_name, name, role, check=f'FAIL {type(e).__name__}', note=msg)
             failures.append(f'{name}: {type(e).__name__}: {msg}')
             continue
-        calls[name] = (flusher, call)
-    timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
+        calls[name] = (ours.setup(role, backend, flusher), call)  # ours: backend selected untimed
+    with ours.restoring_backend():
+        timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
     for name, (role, out) in outs.items():
         ok = isinstance(out, torch.Tensor) and out.dim() == 0 and abs(out.item() - zeros / total) <= 1e-7
         check = 'ok' if ok else f'FAIL got {out!r}, want {zeros / total:.9f}'

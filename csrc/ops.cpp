@@ -2,6 +2,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "python/ema_plan_py.h"
+
 namespace {
 
 // same_items(dicts, keys, values) -> bool: dicts[i].get(keys[i]) is values[i] for every i.
@@ -42,6 +44,10 @@ PyObject* same_items(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"same_items", same_items, METH_VARARGS, "dicts[i].get(keys[i]) is values[i] for every i"},
+    {"ema_plan_new", torchutils_ext::ema_plan_new, METH_VARARGS, "ema_plan_new(ema, model, formula) -> plan"},
+    {"ema_plan_update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(torchutils_ext::ema_plan_update)),
+     METH_FASTCALL, "ema_plan_update(plan, decay, decay_tensor or None)"},
+    {"ema_plan_revalidations", torchutils_ext::ema_plan_revalidations, METH_O, "times the plan revalidated"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

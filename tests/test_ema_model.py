@@ -295,3 +295,16 @@ def test_slot_check_sees_replaced_and_removed_slots(monkeypatch, impl):
     assert not plan.current(ema.ema, model)
     with pytest.raises(ValueError, match='structure'):
         ema.update(model)
+
+
+def test_deepcopy_after_updates_is_independent(backend):
+    """A ModelEMA that holds a built plan (a C++ handle on the compiled path) deep-copies: the copy drops the
+    plan, rebuilds its own on the copied EMA, and the two then advance independently, each like the seed."""
+    model = small_net()
+    ours, seed = tx.ModelEMA(model, tau=3), SeedEMA(model, tau=3)
+    train_steps(model, [ours, seed], 3)
+    twin = copy.deepcopy(ours)
+    assert twin._plan is None and states_equal(twin.ema, ours.ema)
+    train_steps(model, [twin, seed], 2, seed=1)
+    assert states_equal(twin.ema, seed.ema) and twin.updates == 5 and ours.updates == 3
+    assert not states_equal(ours.ema, twin.ema)

@@ -193,13 +193,30 @@ def test_fullgraph_compile_has_no_graph_break():
     assert all(torch.equal(a, b) for a, b in zip(ref, e))
 
 
+class _HandlePlan:
+    """The CPython front end of EmaPlan (_C.ema_plan_*), ModelEMA's per-step path, shaped like the torchbind one."""
+
+    def __init__(self, ema, model, formula):
+        self.h = _ops._C.ema_plan_new(ema, model, formula)
+
+    def update(self, decay, decay_tensor):
+        _ops._C.ema_plan_update(self.h, decay, decay_tensor)
+
+    def revalidations(self):
+        return _ops._C.ema_plan_revalidations(self.h)
+
+
+PLAN_FRONTS = {'torchbind': lambda *a: torch.classes.torchutils_ext.EmaPlan(*a), 'cpython': _HandlePlan}
+
+
 @pytest.mark.skipif(not _ops.COMPILED, reason='EmaPlan is part of the compiled extension')
-def test_ema_plan_matches_op_and_rechecks_its_tensors():
-    """torch.classes.torchutils_ext.EmaPlan (ModelEMA's per-call path): same bits as the op; a tensor swapped
-    under it (.data =) is revalidated, and an unfit swap raises before anything is written."""
+@pytest.mark.parametrize('front', sorted(PLAN_FRONTS))
+def test_ema_plan_matches_op_and_rechecks_its_tensors(front):
+    """EmaPlan through torch.classes and through the CPython functions ModelEMA calls: same bits as the op; a
+    tensor swapped under it (.data =) is revalidated, and an unfit swap raises before anything is written."""
     ema, model = make(SHAPES, seed=21), make(SHAPES, seed=22)
     ref = snapshot(ema)
-    plan = torch.classes.torchutils_ext.EmaPlan(ema, model, 'yolov5')
+    plan = PLAN_FRONTS[front](ema, model, 'yolov5')
     v0 = ema[0]._version
     for d in (0.5, 0.9, 0.99):
         plan.update(d, None)
@@ -228,3 +245,23 @@ def test_ema_plan_matches_op_and_rechecks_its_tensors():
     with pytest.raises(TypeError):
         plan.update(0.5, torch.tensor([0.5, 0.5]))
     assert_untouched(before_e, ema)
+
+
+@pytest.mark.skipif(not _ops.COMPILED, reason='EmaPlan is part of the compiled extension')
+def test_ema_plan_cpython_functions_reject_bad_input():
+    ema, model = make(SHAPES, seed=23), make(SHAPES, seed=24)
+    before = snapshot(ema)
+    C = _ops._C
+    with pytest.raises(TypeError, match=r'model\[1\] is a NoneType'):
+        C.ema_plan_new(ema, [model[0], None] + model[2:], 'yolov5')
+    with pytest.raises(ValueError):
+        C.ema_plan_new(ema, model[:-1], 'yolov5')
+    with pytest.raises(TypeError):
+        C.ema_plan_new(tuple(ema), model, 'yolov5')
+    h = C.ema_plan_new(ema, model, 'yolov5')
+    for args in ((object(), 0.5, None), (h, 'x', None), (h, 0.5, 'x'), (h, 0.5)):
+        with pytest.raises(TypeError):
+            C.ema_plan_update(*args)
+    with pytest.raises(TypeError):
+        C.ema_plan_revalidations(None)
+    assert_untouched(before, ema)

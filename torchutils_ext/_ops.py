@@ -151,11 +151,17 @@ def _device_of(tensors, default='cpu'):
 
 
 def _cached_plan(cache, ema, model, mode):
-    """The cache's EmaPlan when it was built for these very lists, this mode and this backend, else None."""
+    """The cache's EmaPlan handle when it was built for these very lists, this mode and this backend, else None."""
     key = cache.get('ext_key')
     if key is not None and key[0] is ema and key[1] is model and key[2] == mode and key[3] == _backend:
         return cache['ext_plan']
     return None
+
+
+def plan_revalidations(cache) -> int:
+    """How often the cached EmaPlan found a tensor changed and revalidated (0 when there is none)."""
+    plan = cache.get('ext_plan')
+    return 0 if plan is None else _C.ema_plan_revalidations(plan)
 
 
 def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None = None) -> None:
@@ -167,12 +173,12 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
     """
     plan = _cached_plan(cache, ema, model, mode) if cache is not None else None
     if plan is not None and not torch.compiler.is_compiling():
-        # the per-step path: the plan's C++ side rechecks every tensor; no grad mode needed, it calls the kernel
-        # below autograd
+        # the per-step path: one CPython call; the plan's C++ side rechecks every tensor and calls the kernel
+        # below autograd, so no grad mode is needed
         if isinstance(decay, torch.Tensor):
-            return plan.update(0.0, decay)
+            return _C.ema_plan_update(plan, 0.0, decay)
         if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-            return plan.update(float(decay), None)
+            return _C.ema_plan_update(plan, decay, None)
     decay_tensor = decay if isinstance(decay, torch.Tensor) else None
     d = 0.0 if decay_tensor is not None else decay
     if not isinstance(ema, (list, tuple)) or not isinstance(model, (list, tuple)):
@@ -187,10 +193,9 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
                 return
             plan = _cached_plan(cache, ema, model, mode)
             if plan is None:
-                with _argument_types('ema_update_'):
-                    plan = cache['ext_plan'] = torch.classes.torchutils_ext.EmaPlan(list(ema), list(model), mode)
+                plan = cache['ext_plan'] = _C.ema_plan_new(list(ema), list(model), mode)
                 cache['ext_key'] = (ema, model, mode, _backend)
-            plan.update(float(d), decay_tensor)
+            _C.ema_plan_update(plan, float(d), decay_tensor)
         elif cache is None:
             _reference.ema_update_(ema, model, d, decay_tensor, mode)
         else:
