@@ -29,16 +29,42 @@ struct ChannelVec {
   O operator[](int64_t k) const { return p ? p[k] : fill; }
 };
 
-// Scales each K-element row by its channel's factor; built for AVX2 where the CPU has it (see simd.h).
+// Scales each K-element row by its channel's factor; built for AVX2 where the CPU has it (see simd.h). Rows
+// from the two halves of [lo, hi) go side by side: one core streams more in flight over two row streams than
+// over one (C++ microbenchmark, 4096 rows of 4608 fp32 after a 128 MiB flush: 5.6 -> 4.3-4.8 ms).
 template <typename T, typename O>
-TUE_ALWAYS_INLINE void scale_rows_body(const T* __restrict__ src, T* __restrict__ dst, const O* scale, int64_t lo,
-                                       int64_t hi, const RowLayout& L) {
+TUE_ALWAYS_INLINE void scale_row_pair(const T* __restrict__ s0, T* __restrict__ d0, O f0, const T* __restrict__ s1,
+                                      T* __restrict__ d1, O f1, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) {
+    d0[k] = static_cast<T>(static_cast<O>(s0[k]) * f0);
+    d1[k] = static_cast<T>(static_cast<O>(s1[k]) * f1);
+  }
+}
+
+// In place: each row read and written through one pointer (restrict allows no second name for it).
+template <typename T, typename O>
+TUE_ALWAYS_INLINE void scale_row_pair(T* __restrict__ p0, O f0, T* __restrict__ p1, O f1, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) {
+    p0[k] = static_cast<T>(static_cast<O>(p0[k]) * f0);
+    p1[k] = static_cast<T>(static_cast<O>(p1[k]) * f1);
+  }
+}
+
+template <typename T, typename O>
+TUE_ALWAYS_INLINE void scale_rows_body(const T* src, T* dst, const O* scale, int64_t lo, int64_t hi,
+                                       const RowLayout& L) {
   const int64_t group = L.ipg * L.opg;
-  for (int64_t r = lo; r < hi; ++r) {
-    const O f = scale[(r / group) * L.opg + r % L.opg];
-    const T* __restrict__ s = src + r * L.K;
-    T* __restrict__ d = dst + r * L.K;
-    for (int64_t k = 0; k < L.K; ++k) d[k] = static_cast<T>(static_cast<O>(s[k]) * f);
+  auto factor = [&](int64_t r) { return scale[(r / group) * L.opg + r % L.opg]; };
+  const int64_t half = (hi - lo) / 2;
+  for (int64_t r = lo; r < lo + half; ++r) {
+    const int64_t q = r + half;
+    if (src == dst) scale_row_pair<T, O>(dst + r * L.K, factor(r), dst + q * L.K, factor(q), L.K);
+    else scale_row_pair<T, O>(src + r * L.K, dst + r * L.K, factor(r), src + q * L.K, dst + q * L.K, factor(q), L.K);
+  }
+  if ((hi - lo) & 1) {  // the odd row out (paired with itself it would alias): scale it alone
+    const int64_t r = hi - 1;
+    const O f = factor(r);
+    for (int64_t k = 0; k < L.K; ++k) dst[r * L.K + k] = static_cast<T>(static_cast<O>(src[r * L.K + k]) * f);
   }
 }
 
