@@ -30,41 +30,51 @@ struct ChannelVec {
 };
 
 // Scales each K-element row by its channel's factor; built for AVX2 where the CPU has it (see simd.h). Rows
-// from the two halves of [lo, hi) go side by side: one core streams more in flight over two row streams than
-// over one (C++ microbenchmark, 4096 rows of 4608 fp32 after a 128 MiB flush: 5.6 -> 4.3-4.8 ms).
+// from the four quarters of [lo, hi) go side by side: one core keeps more misses in flight over four row
+// streams than over one. C++ microbenchmark, 4096 rows of 4608 fp32 in place after a 128 MiB flush:
+// 1 row 4.2-4.5 ms, 2 rows 3.2-3.4, 4 rows 3.0-3.1, 8 rows 6.4.
 template <typename T, typename O>
-TUE_ALWAYS_INLINE void scale_row_pair(const T* __restrict__ s0, T* __restrict__ d0, O f0, const T* __restrict__ s1,
-                                      T* __restrict__ d1, O f1, int64_t K) {
+TUE_ALWAYS_INLINE void scale_rows4(const T* __restrict__ s0, const T* __restrict__ s1, const T* __restrict__ s2,
+                                   const T* __restrict__ s3, T* __restrict__ d0, T* __restrict__ d1,
+                                   T* __restrict__ d2, T* __restrict__ d3, const O* f, int64_t K) {
   for (int64_t k = 0; k < K; ++k) {
-    d0[k] = static_cast<T>(static_cast<O>(s0[k]) * f0);
-    d1[k] = static_cast<T>(static_cast<O>(s1[k]) * f1);
+    d0[k] = static_cast<T>(static_cast<O>(s0[k]) * f[0]);
+    d1[k] = static_cast<T>(static_cast<O>(s1[k]) * f[1]);
+    d2[k] = static_cast<T>(static_cast<O>(s2[k]) * f[2]);
+    d3[k] = static_cast<T>(static_cast<O>(s3[k]) * f[3]);
   }
 }
 
 // In place: each row read and written through one pointer (restrict allows no second name for it).
 template <typename T, typename O>
-TUE_ALWAYS_INLINE void scale_row_pair(T* __restrict__ p0, O f0, T* __restrict__ p1, O f1, int64_t K) {
+TUE_ALWAYS_INLINE void scale_rows4(T* __restrict__ p0, T* __restrict__ p1, T* __restrict__ p2, T* __restrict__ p3,
+                                   const O* f, int64_t K) {
   for (int64_t k = 0; k < K; ++k) {
-    p0[k] = static_cast<T>(static_cast<O>(p0[k]) * f0);
-    p1[k] = static_cast<T>(static_cast<O>(p1[k]) * f1);
+    p0[k] = static_cast<T>(static_cast<O>(p0[k]) * f[0]);
+    p1[k] = static_cast<T>(static_cast<O>(p1[k]) * f[1]);
+    p2[k] = static_cast<T>(static_cast<O>(p2[k]) * f[2]);
+    p3[k] = static_cast<T>(static_cast<O>(p3[k]) * f[3]);
   }
 }
 
 template <typename T, typename O>
 TUE_ALWAYS_INLINE void scale_rows_body(const T* src, T* dst, const O* scale, int64_t lo, int64_t hi,
                                        const RowLayout& L) {
-  const int64_t group = L.ipg * L.opg;
+  const int64_t group = L.ipg * L.opg, K = L.K;
   auto factor = [&](int64_t r) { return scale[(r / group) * L.opg + r % L.opg]; };
-  const int64_t half = (hi - lo) / 2;
-  for (int64_t r = lo; r < lo + half; ++r) {
-    const int64_t q = r + half;
-    if (src == dst) scale_row_pair<T, O>(dst + r * L.K, factor(r), dst + q * L.K, factor(q), L.K);
-    else scale_row_pair<T, O>(src + r * L.K, dst + r * L.K, factor(r), src + q * L.K, dst + q * L.K, factor(q), L.K);
+  const int64_t q = (hi - lo) / 4;
+  for (int64_t r = lo; r < lo + q; ++r) {
+    const int64_t r1 = r + q, r2 = r + 2 * q, r3 = r + 3 * q;
+    const O f[4] = {factor(r), factor(r1), factor(r2), factor(r3)};
+    if (src == dst)
+      scale_rows4<T, O>(dst + r * K, dst + r1 * K, dst + r2 * K, dst + r3 * K, f, K);
+    else
+      scale_rows4<T, O>(src + r * K, src + r1 * K, src + r2 * K, src + r3 * K, dst + r * K, dst + r1 * K,
+                        dst + r2 * K, dst + r3 * K, f, K);
   }
-  if ((hi - lo) & 1) {  // the odd row out (paired with itself it would alias): scale it alone
-    const int64_t r = hi - 1;
+  for (int64_t r = lo + 4 * q; r < hi; ++r) {  // the last (hi - lo) % 4 rows, one at a time
     const O f = factor(r);
-    for (int64_t k = 0; k < L.K; ++k) dst[r * L.K + k] = static_cast<T>(static_cast<O>(src[r * L.K + k]) * f);
+    for (int64_t k = 0; k < K; ++k) dst[r * K + k] = static_cast<T>(static_cast<O>(src[r * K + k]) * f);
   }
 }
 
