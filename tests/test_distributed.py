@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from gloo_helpers import init_gloo, run_workers
+from gloo_helpers import close_gloo, init_gloo, run_workers
 
 import torchutils_ext
 from torchutils_ext import de_parallel, is_parallel, smart_DDP, torch_distributed_zero_first
@@ -29,6 +29,7 @@ def _batches(steps=3):
 
 def _worker(rank, port, tmp):
     init_gloo(rank, WORLD, port)
+    ok = False
     try:
         log = os.path.join(tmp, 'order.log')
         # zero_first: rank 0 lingers inside the block; without the barrier rank 1 would write first
@@ -55,8 +56,9 @@ def _worker(rank, port, tmp):
         ema_flat = torch.cat([p.detach().flatten() for p in ema.ema.parameters()])
         torch.save({'ok': ok, 'params': flat, 'ema': ema_flat, 'updates': ema.updates},
                    os.path.join(tmp, f'rank{rank}.pt'))
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_gloo(ok)
 
 
 @pytest.mark.slow

@@ -2,9 +2,8 @@
 no collective inside update(), and ends equal to a single-process EMA of the same training."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from gloo_helpers import init_gloo, run_workers
+from gloo_helpers import close_gloo, init_gloo, run_workers
 
 import torchutils_ext as tx
 
@@ -49,6 +48,7 @@ def _collectives(prof):
 
 def _worker(rank, port, out):
     init_gloo(rank, WORLD, port)
+    ok = False
     try:
         model = _net()
         model[1].eval()  # BN statistics of one rank's half would differ from the full batch's
@@ -79,8 +79,9 @@ def _worker(rank, port, out):
         if rank == 0:
             torch.save({'refused': refused, 'in_update': in_update, 'in_forward': in_forward,
                         'types': local_types, 'ema': full, 'updates': ema.updates}, out)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_gloo(ok)
 
 
 @pytest.mark.slow
