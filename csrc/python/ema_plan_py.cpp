@@ -2,7 +2,7 @@
 // _C.ema_plan_revalidations(plan). ModelEMA calls update once per training step, right after the step's
 // memory traffic has evicted everything: a torchbind method call (pybind11 dispatch, IValue conversion,
 // schema checks) then costs ~80 us even when empty, a METH_FASTCALL function ~6 us.
-#include "ema_plan_py.h"
+#include "functions.h"
 
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
