@@ -165,6 +165,33 @@ def test_fuse_model_sequential_and_plain_block(backend):
     torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_fuse_conv_and_bn_new_layer_is_a_fresh_module_of_the_same_kind(backend):
+    """The fused layer of a torch class is built without __init__: it must still equal a freshly constructed
+    layer (same hyperparameters and repr, no hooks or extra state carried over, no list shared with the
+    original), and a subclass must still go through its own __init__."""
+    class Tagged(nn.Conv2d):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.tag = 'built'
+
+    torch.manual_seed(0)
+    cases = [nn.Conv1d(4, 6, 3, padding='same', padding_mode='reflect'), nn.Conv2d(4, 6, 3, dilation=2, groups=2),
+             nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, groups=2), nn.Linear(4, 6), Tagged(4, 6, 1)]
+    for layer in cases:
+        layer.register_forward_hook(lambda *a: None)
+        bn = randomize_bn(nn.BatchNorm1d(6) if isinstance(layer, (nn.Linear, nn.Conv1d)) else nn.BatchNorm2d(6), 3)
+        fused = tx.fuse_conv_and_bn(layer.eval(), bn)
+        assert type(fused) is type(layer) and repr(fused) == repr(layer).replace('bias=False', 'bias=True')
+        assert not fused._forward_hooks and fused.weight is not layer.weight and not fused.weight.requires_grad
+        if isinstance(layer, nn.Conv1d):
+            assert fused._reversed_padding_repeated_twice == layer._reversed_padding_repeated_twice
+            assert fused._reversed_padding_repeated_twice is not layer._reversed_padding_repeated_twice
+        assert getattr(fused, 'tag', None) == getattr(layer, 'tag', None)
+        shape = (2, 4, 9) if isinstance(layer, nn.Conv1d) else (2, 4) if isinstance(layer, nn.Linear) else (2, 4, 7, 7)
+        x = torch.randn(shape)
+        torch.testing.assert_close(fused(x).double(), f64_reference(layer, bn, x), rtol=1e-5, atol=1e-5)
+
+
 class FuseBlock(nn.Module):  # the YOLOv5 Conv convention: .conv, .bn and a forward_fuse
     def __init__(self, c=4):
         super().__init__()
