@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import torchutils_ext as tx
 from torchutils_ext import _ops
+from conftest import PLAN_FRONTS
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU'),
@@ -109,12 +110,14 @@ def test_model_ema_update_is_one_launch():
     assert 'ema_kernel' in next(iter(names))
 
 
-def test_ema_plan_on_cuda_matches_cpu_and_captures():
-    """ModelEMA's path on CUDA (the C++ EmaPlan): same bits as the CPU kernel; decay as a device tensor inside a
-    captured graph; a .data swap to bf16 is revalidated."""
+@pytest.mark.parametrize('front', sorted(PLAN_FRONTS))
+def test_ema_plan_on_cuda_matches_cpu_and_captures(front):
+    """ModelEMA's path on CUDA (the C++ EmaPlan, through torch.classes and through the CPython functions
+    ModelEMA calls): same bits as the CPU kernel; decay as a device tensor inside a captured graph (the CPython
+    call releases the GIL around the launch); a .data swap to bf16 is revalidated."""
     ema, model = make(SHAPES, torch.float32, 9), make(SHAPES, torch.float32, 10)
     cpu_e, cpu_m = [t.cpu() for t in ema], [t.cpu() for t in model]
-    plan = torch.classes.torchutils_ext.EmaPlan(ema, model, 'yolov5')
+    plan = PLAN_FRONTS[front](ema, model, 'yolov5')
     plan.update(0.75, None)
     torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.75, None, 'yolov5')
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))

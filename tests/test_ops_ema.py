@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_untouched, snapshot
+from conftest import PLAN_FRONTS, assert_untouched, snapshot
 
 from torchutils_ext import _ops, _reference
 
@@ -191,22 +191,6 @@ def test_fullgraph_compile_has_no_graph_break():
 
     step(e, m)
     assert all(torch.equal(a, b) for a, b in zip(ref, e))
-
-
-class _HandlePlan:
-    """The CPython front end of EmaPlan (_C.ema_plan_*), ModelEMA's per-step path, shaped like the torchbind one."""
-
-    def __init__(self, ema, model, formula):
-        self.h = _ops._C.ema_plan_new(ema, model, formula)
-
-    def update(self, decay, decay_tensor):
-        _ops._C.ema_plan_update(self.h, decay, decay_tensor)
-
-    def revalidations(self):
-        return _ops._C.ema_plan_revalidations(self.h)
-
-
-PLAN_FRONTS = {'torchbind': lambda *a: torch.classes.torchutils_ext.EmaPlan(*a), 'cpython': _HandlePlan}
 
 
 @pytest.mark.skipif(not _ops.COMPILED, reason='EmaPlan is part of the compiled extension')
