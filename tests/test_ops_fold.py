@@ -236,6 +236,28 @@ def test_fuse_model_shared_block_hooks_and_setattr_overrides(backend):
     torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_fuse_model_leaves_parametrized_layers_alone_and_stays_exact(backend):
+    """A weight_norm conv computes its weight on each access: fuse_model must not fold into that temporary
+    and drop the BN (the model's output would change); it leaves the pair, and folds the plain one beside it.
+    fuse_conv_and_bn (a new layer) folds the computed weight correctly."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    normed, plain = FuseBlock(), FuseBlock()
+    normed.conv = weight_norm(normed.conv)
+    model = nn.Sequential(normed, plain).eval()
+    for i, m in enumerate(model.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            randomize_bn(m, i)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+        fused = tx.fuse_conv_and_bn(normed.conv, normed.bn)
+        torch.testing.assert_close(fused(x), normed.bn(normed.conv(x)), rtol=1e-5, atol=1e-5)
+        tx.fuse_model(model)
+        assert isinstance(normed.bn, nn.BatchNorm2d) and not hasattr(plain, 'bn')
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_fold_bad_input_raises_and_leaves_untouched(backend):
     layer, bn, _ = build('conv2d')
     with pytest.raises(ValueError, match='channels'):
