@@ -3,6 +3,7 @@ import datetime
 import os
 import platform
 import socket
+import sys
 import time
 
 import pytest
@@ -27,14 +28,21 @@ def init_gloo(rank, world, port):
 
 
 def close_gloo(ok):
-    """End of a worker. After a clean run, a barrier first: a rank that tears its group down while the other
-    still has gloo traffic in flight (FSDP's last gathers) makes the peer fail with a closed connection (seen
-    once in ~15 full-suite runs). After an error, no barrier: the peer may never reach it."""
+    """End of a worker. After a clean run: a barrier first (a rank that tears its group down while the other
+    still has gloo traffic in flight, FSDP's last gathers, fails the peer with a closed connection: seen once
+    in ~15 full-suite runs), then an immediate exit once the results are on disk. The process teardown of the
+    CUDA torch build (profiler/gloo threads) once aborted a finished worker with "terminate called without an
+    active exception" (SIGABRT), failing a test whose work had passed. After an error: no barrier (the peer
+    may never reach it) and a normal exit, so the traceback reaches the parent."""
     try:
         if ok:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    if ok:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 _PORT_ERRORS = ('Address already in use', 'EADDRINUSE', 'Connection refused', 'ECONNREFUSED')
