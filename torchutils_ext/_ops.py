@@ -158,12 +158,6 @@ def _cached_plan(cache, ema, model, mode):
     return None
 
 
-def plan_revalidations(cache) -> int:
-    """How often the cached EmaPlan found a tensor changed and revalidated (0 when there is none)."""
-    plan = cache.get('ext_plan')
-    return 0 if plan is None else _C.ema_plan_revalidations(plan)
-
-
 def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None = None) -> None:
     """In-place EMA over matching tensor lists; ``decay`` is a float or a 0-d tensor (no host sync).
 
