@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from . import _ops
 from ._ops import ema_update_
+from ._walk import modules_once
 from .distributed import de_parallel
 from .training import copy_attr
 
@@ -53,7 +54,7 @@ def _watch_submodules():
 
 def _module_tree(module: nn.Module):
     """(parent's _modules dict, name, child) for every submodule edge."""
-    return [(m._modules, name, child) for m in module.modules() for name, child in m._modules.items()]
+    return [(m._modules, name, child) for m in modules_once(module) for name, child in m._modules.items()]
 
 
 def _is_dtensor(t) -> bool:
