@@ -39,15 +39,17 @@ SEED = {
 }
 # Names YOLOv5 v7.0/master import from utils.torch_utils beyond the seed text. None: default not compared.
 EXTRA = {
-    'smart_inference_mode': [('torch_1_9', None)],
-    'smart_amp_autocast': [('amp', False)],
+    'smart_inference_mode': [('torch_1_9', None), ('mode', True)],
+    'smart_amp_autocast': [('amp', False), ('enabled', None), ('device', 'cuda')],
     'smartCrossEntropyLoss': [('label_smoothing', 0.0)],
     'reshape_classifier_output': [('model', E), ('n', 1000)],
     'smart_hub_load': [('repo', 'ultralytics/yolov5'), ('model', 'yolov5s'), ('kwargs', E)],
 }
 SEED_CONSTANTS = ['LOCAL_RANK', 'RANK', 'WORLD_SIZE']
 # Modules owned elsewhere may add options after the seed's parameters; ours must match exactly.
-MAY_EXTEND = {'prune', 'ModelEMA', 'fuse_conv_and_bn', 'sparsity', 'ModelEMA.update', 'ModelEMA.update_attr'}
+MAY_EXTEND = {'prune', 'ModelEMA', 'fuse_conv_and_bn', 'sparsity', 'ModelEMA.update', 'ModelEMA.update_attr',
+              # Ultralytics 8.x / YOLOv5 master keywords (test_client_signatures.py)
+              'model_info', 'time_sync', 'select_device'}
 
 
 def _resolve(dotted):

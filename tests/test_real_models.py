@@ -6,36 +6,20 @@ The packages come with the CUDA-torch CI venv (torchvision imports there); elsew
 the reason, unless TORCHUTILS_EXT_REAL_MODELS=1 (set by .ci/run), which turns a missing package into a failure.
 """
 import copy
-import importlib
 import logging
-import os
 import re
-import tempfile
 
 import pytest
 import torch
 import torch.nn as nn
 from bench_checks import flatten_outputs, rel_err
+from client_packages import need as _need
 
 import torchutils_ext as tx
 
-REQUIRED = os.environ.get('TORCHUTILS_EXT_REAL_MODELS') == '1'
 ULTRALYTICS_YAMLS = ['yolov8n.yaml', 'yolo11n.yaml', 'yolov5nu.yaml']
 TIMM_MODELS = ['resnet18', 'efficientnet_b0']
 STEPS = 10
-
-
-def _need(module):
-    if module.split('.')[0] == 'ultralytics':  # offline, settings/config in a throwaway folder
-        os.environ.setdefault('YOLO_OFFLINE', '1')
-        os.environ.setdefault('YOLO_CONFIG_DIR', tempfile.mkdtemp(prefix='yolo-cfg-'))
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or torchvision failing beside a CPU-only torch
-        why = f'{module} not importable: {type(e).__name__}: {e}'
-        if REQUIRED:
-            pytest.fail(f'TORCHUTILS_EXT_REAL_MODELS=1 but {why}')
-        pytest.skip(why)
 
 
 def _randomize_bn(model, seed=0):

@@ -77,11 +77,13 @@ def _parse(device):
     return [str(int(t)) for t in toks]
 
 
-def select_device(device='', batch_size=0, newline=True):
+def select_device(device='', batch_size=0, newline=True, *, verbose=True):
     """Pick the torch.device for ``device`` (None, 'cpu', 'mps', 0, '0', '0,1', 'cuda:1', ...) and log it.
 
     As the seed: a GPU request sets CUDA_VISIBLE_DEVICES and returns cuda:0. Bad input raises ValueError
-    and leaves os.environ as it was.
+    and leaves os.environ as it was. ``verbose=False`` (Ultralytics' keyword) skips the log line. Ultralytics'
+    ``select_device(device, newline, verbose)`` clashes with the seed in the second position and in
+    ``newline``'s default: the seed's wins.
     """
     s = f'YOLOv5 🚀 {git_describe() or file_date()} Python-{platform.python_version()} torch-{torch.__version__} '
     req = _parse(device)
@@ -127,12 +129,19 @@ def select_device(device='', batch_size=0, newline=True):
 
     if not newline:
         s = s.rstrip()
-    LOGGER.info(s)
+    if verbose:
+        LOGGER.info(s)
     return torch.device(arg)
 
 
-def time_sync():
-    """Wall time after waiting for queued CUDA work."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def time_sync(device=None):
+    """Wall time (``time.time()``, as the seed) after waiting for queued CUDA work.
+
+    ``device`` (Ultralytics' keyword): a CPU/MPS device skips the wait; a CUDA device waits for that device
+    only; None waits for the current CUDA device, as the seed does.
+    """
+    if device is not None and not isinstance(device, torch.device):
+        device = torch.device(device)
+    if (device is None or device.type == 'cuda') and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
     return time.time()

@@ -98,27 +98,52 @@ def profile(input, ops, n=10, device=None):
     return results
 
 
-def model_info(model, verbose=False, img_size=640):
-    """Log 'X summary: N layers, P parameters, G gradients, F GFLOPs'. img_size: int or [h, w]."""
-    n_p = sum(x.numel() for x in model.parameters())
-    n_g = sum(x.numel() for x in model.parameters() if x.requires_grad)
-    if verbose:
-        print(f"{'layer':>5} {'name':>40} {'gradient':>9} {'parameters':>12} {'shape':>20} {'mu':>10} {'sigma':>10}")
-        for i, (name, p) in enumerate(model.named_parameters()):
-            name = name.replace('module_list.', '')
-            v = p.detach().float()  # plain floats: no grad-to-scalar or 1-element std warnings
-            mu, sigma = float(v.mean()), float(v.std()) if v.numel() > 1 else float('nan')
-            print('%5g %40s %9s %12g %20s %10.3g %10.3g' %
-                  (i, name, p.requires_grad, p.numel(), list(p.shape), mu, sigma))
-    try:  # FLOPs at a stride-sized input, scaled to img_size
+def _layer_table(model):
+    print(f"{'layer':>5} {'name':>40} {'gradient':>9} {'parameters':>12} {'shape':>20} {'mu':>10} {'sigma':>10}")
+    for i, (name, p) in enumerate(model.named_parameters()):
+        name = name.replace('module_list.', '')
+        v = p.detach().float()  # plain floats: no grad-to-scalar or 1-element std warnings
+        mu, sigma = float(v.mean()), float(v.std()) if v.numel() > 1 else float('nan')
+        print('%5g %40s %9s %12g %20s %10.3g %10.3g' % (i, name, p.requires_grad, p.numel(), list(p.shape), mu, sigma))
+
+
+def _model_gflops(model, img_size):
+    """GFLOPs at img_size (int or (h, w)), measured at a stride-sized input and scaled as the seed does; None when
+    it cannot be measured."""
+    try:
         stride = max(int(model.stride.max()), 32) if hasattr(model, 'stride') else 32
         yaml = getattr(model, 'yaml', None)
         ch = yaml.get('ch', 3) if isinstance(yaml, dict) else 3
         img = torch.zeros((1, ch, stride, stride), device=next(model.parameters()).device)
         flops = _gflops(deepcopy(model).eval(), img)  # copy + eval: BN stats untouched, batch 1 allowed
-        img_size = img_size if isinstance(img_size, list) else [img_size, img_size]
-        fs = ', %.1f GFLOPs' % (flops * img_size[0] / stride * img_size[1] / stride)
+        h, w = img_size if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+        return flops * h / stride * w / stride
     except Exception:
-        fs = ''
+        return None
+
+
+def model_info(model, verbose=False, img_size=640, *, detailed=None, imgsz=None):
+    """Log 'X summary: N layers, P parameters, G gradients, F GFLOPs' and return
+    ``(n_layers, n_params, n_grads, gflops)``.
+
+    Two call forms: the seed's ``model_info(model, verbose, img_size)`` and the Ultralytics 8.x / YOLOv5 master
+    keywords ``model_info(model, detailed=..., imgsz=...)``. ``detailed`` is Ultralytics' name for the seed's
+    ``verbose`` (the per-parameter table) and wins when given; ``imgsz`` (int or (h, w)) wins over ``img_size``.
+    Where the two contracts clash the seed's wins: ``verbose=False`` still logs the summary (Ultralytics would
+    return None silently). The return value is Ultralytics' tuple (the seed returned None, so no seed caller
+    breaks): ``n_layers`` counts leaf modules as Ultralytics does, while the logged line keeps the seed's count
+    of all modules; ``gflops`` is 0.0 when it cannot be measured.
+    """
+    table = verbose if detailed is None else detailed
+    size = img_size if imgsz is None else imgsz
+    n_p = sum(x.numel() for x in model.parameters())
+    n_g = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    if table:
+        _layer_table(model)
+    flops = _model_gflops(model, size)
+    fs = '' if flops is None else ', %.1f GFLOPs' % flops
     name = Path(model.yaml_file).stem.replace('yolov5', 'YOLOv5') if hasattr(model, 'yaml_file') else 'Model'
-    LOGGER.info(f'{name} summary: {len(list(model.modules()))} layers, {n_p} parameters, {n_g} gradients{fs}')
+    modules = list(model.modules())
+    LOGGER.info(f'{name} summary: {len(modules)} layers, {n_p} parameters, {n_g} gradients{fs}')
+    n_l = sum(1 for m in modules if not m._modules)
+    return n_l, n_p, n_g, flops or 0.0

@@ -1,5 +1,6 @@
 """Training helpers: the seed's (initialize_weights, find_modules, scale_img, copy_attr, smart_optimizer,
 smart_resume, EarlyStopping) and the ones YOLOv5 v7.0/master import from this module."""
+import functools
 import math
 from contextlib import nullcontext
 
@@ -12,19 +13,42 @@ from ._log import LOGGER, check_version, colorstr
 _TORCH = torch.__version__.split('+')[0]
 
 
-def smart_inference_mode(torch_1_9=check_version(_TORCH, '1.9.0')):
-    """Decorator factory: ``@smart_inference_mode()`` runs fn under inference_mode (torch>=1.9) else no_grad."""
+def smart_inference_mode(torch_1_9=check_version(_TORCH, '1.9.0'), *, mode=True):
+    """Decorator factory: ``@smart_inference_mode()`` runs fn under inference_mode (torch>=1.9) else no_grad.
+
+    ``mode=False`` (Ultralytics' keyword) runs fn with inference mode switched off and gradients off, so tensors
+    it makes can later be used in autograd. Ultralytics' first positional argument is ``mode``: the seed's
+    ``torch_1_9`` keeps that position here.
+    """
     def decorate(fn):
+        if not mode:
+            @functools.wraps(fn)
+            def outside_inference_mode(*args, **kwargs):
+                with torch.inference_mode(False), torch.no_grad():
+                    return fn(*args, **kwargs)
+            return outside_inference_mode
         return (torch.inference_mode if torch_1_9 else torch.no_grad)()(fn)
     return decorate
 
 
-def smart_amp_autocast(amp=False):
-    """CUDA autocast context enabled by ``amp``; disabled (silently) when CUDA is not available."""
-    enabled = bool(amp) and torch.cuda.is_available()  # asking for it on a CPU-only torch only warns
-    if check_version(_TORCH, '1.10.0'):
-        return torch.amp.autocast('cuda', enabled=enabled)
-    return torch.cuda.amp.autocast(enabled) if enabled else nullcontext()
+def smart_amp_autocast(amp=False, *, enabled=None, device='cuda'):
+    """Autocast context for ``device`` (default CUDA) enabled by ``amp``; CUDA autocast is disabled silently
+    when CUDA is not available.
+
+    Also YOLOv5 master's form, which is Ultralytics' ``autocast(enabled, device='cuda')``: ``enabled=`` is an
+    alias of ``amp`` and, like ``amp``, may be a ``torch.dtype`` (e.g. ``torch.bfloat16``) to autocast to.
+    """
+    if enabled is not None:
+        amp = enabled
+    dtype = amp if isinstance(amp, torch.dtype) else None
+    on = bool(amp)
+    device = torch.device(device).type if not isinstance(device, str) else device.split(':')[0]
+    if device == 'cuda':
+        on = on and torch.cuda.is_available()  # asking for it on a CPU-only torch only warns
+    if not check_version(_TORCH, '1.10.0'):
+        return torch.cuda.amp.autocast(on) if on and device == 'cuda' else nullcontext()
+    kwargs = {'dtype': dtype} if dtype is not None else {}
+    return torch.amp.autocast(device, enabled=on, **kwargs)
 
 
 def smartCrossEntropyLoss(label_smoothing=0.0):
@@ -174,6 +198,8 @@ class EarlyStopping:
         self.possible_stop = False  # a stop may occur next epoch
 
     def __call__(self, epoch, fitness):
+        if fitness is None:  # no validation this epoch (Ultralytics' val=False): nothing to judge
+            return False
         if fitness >= self.best_fitness:  # >= so an early zero-fitness stage still counts as progress
             self.best_epoch = epoch
             self.best_fitness = fitness
