@@ -67,7 +67,7 @@ def _extensions():
     srcs = (_sources('csrc/ops.cpp') + _sources('csrc/common/*.cpp') + _sources('csrc/cpu/*.cpp') +
             _sources('csrc/python/*.cpp'))
     include_dirs = [os.path.join(ROOT, 'csrc')]
-    build_info = {'cuda': use_cuda, 'torch_built_with': torch.__version__, 'cuda_version': torch.version.cuda
+    build_info = {'ext': True, 'cuda': use_cuda, 'torch_built_with': torch.__version__, 'cuda_version': torch.version.cuda
                   if use_cuda else None, 'cuda_arch_list': None}
     if not use_cuda:
         ext = cpp_extension.CppExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
@@ -106,9 +106,9 @@ def _write_build_info(info):
 
 exts, info = _extensions()
 cmdclass = {}
+_write_build_info(info or {'ext': False})  # a pure-torch install is told apart from a failed load
 if exts:
     from torch.utils.cpp_extension import BuildExtension
-    _write_build_info(info)
     cmdclass['build_ext'] = BuildExtension.with_options(use_ninja=shutil.which('ninja') is not None)
 
 setup(ext_modules=exts, cmdclass=cmdclass)

@@ -35,6 +35,22 @@ def pytest_addoption(parser):
                 help='torch.set_num_threads for CPU timing (1: with 2 threads the 2-vCPU VM stalls)')
 
 
+def pytest_sessionstart(session):
+    tr = session.config.pluginmanager.get_plugin('terminalreporter')
+    if tr is not None:  # written even under -q, unlike a report header
+        tr.write_line(_backend_line(session.config))
+
+
+def _backend_line(config):
+    """One line at the top: the path each op takes, so that a table of "not built" rows cannot pass unnoticed."""
+    import torchutils_ext
+    info = torchutils_ext.backend_info()
+    dev = config.getoption('--device')
+    ops = ', '.join(f"{op}: {'compiled' if v[dev] == 'ext' else 'pure torch'}" for op, v in info['ops'].items())
+    why = '' if info['compiled'] else f" (compiled ops unavailable: {info['load_error']})"
+    return f'torchutils_ext on {dev}: {ops}{why}'
+
+
 def _models(config):
     opt = config.getoption('--models')
     if opt:

@@ -12,16 +12,12 @@ import os
 import torch
 
 from . import _reference
+from ._load import build_info, load_compiled
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
 BACKENDS = ('auto', 'ext', 'torch')
 
-try:
-    from . import _C  # noqa: F401  (importing registers the ops with the dispatcher)
-    _LOAD_ERROR = None
-except ImportError as e:  # pure-torch install, or a build for another torch
-    _C = None
-    _LOAD_ERROR = str(e)
+_C, _LOAD_ERROR = load_compiled()  # importing _C registers the ops with the dispatcher
 
 COMPILED = _C is not None
 _lib = torch.ops.torchutils_ext if COMPILED else None
@@ -78,9 +74,9 @@ def backend_info() -> dict:
     """What was built, and which path each op takes per device type."""
     info = {'compiled': COMPILED, 'load_error': _LOAD_ERROR, 'backend': _backend, 'torch': torch.__version__,
             'torch_cuda': torch.version.cuda, 'cuda_compiled': COMPILED and _has_kernel('ema_update_', 'cuda')}
-    if COMPILED:
-        from ._build_info import BUILD_INFO
-        info['build'] = dict(BUILD_INFO)
+    built = build_info()
+    if built is not None:
+        info['build'] = built
     info['ops'] = {op: {dev: ('ext' if _has_kernel(op, dev) and _backend != 'torch' else 'torch')
                         for dev in ('cpu', 'cuda')} for op in OPS}
     return info
