@@ -2,7 +2,7 @@
 import json
 import os
 
-from bench_targets import evaluate
+from bench_targets import SAME_NUMERICS, evaluate
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
@@ -31,11 +31,15 @@ class Report:
             seed = next((r['median_ms'] for r in group if r['role'] == 'seed'), None)
             peers = [r['median_ms'] for r in group if r['role'] in ('seed', 'peer') and r['check'].startswith('ok')]
             best = min(peers) if peers else None
+            twins = [r['median_ms'] for r in group if r['impl'] in SAME_NUMERICS.get(key[0], ())
+                     and r['check'].startswith('ok')]
+            twin = min(twins) if twins else None
             limit = next((r['median_ms'] for r in group if r['role'] == 'limit'), None)
             for r in group:
                 t = r['median_ms']
                 r['vs_seed'] = seed / t if seed else None
                 r['vs_best'] = best / t if best else None
+                r['vs_peer'] = twin / t if twin else None
                 r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
                                  if r['bytes'] and self.roof else None)
                 r['pct_limit'] = 100 * limit / t if limit else None

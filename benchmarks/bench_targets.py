@@ -1,18 +1,19 @@
-"""DESIGN §4 speed targets, applied to our compiled rows. Printed as met / short; they never fail a run.
+"""DESIGN §4 speed targets for our rows, stated as ratios. Printed as met / short; they never fail a run.
 
-Absolute-ms CPU targets were measured on the project's 2-vCPU VM with 1 thread; on other machines read the
-relative ones (x seed, x best peer, % of roofline).
-Each target: (metric, op, value); metrics are row keys: median_ms, vs_seed, vs_best (vs the fastest correct
-row that is not ours), pct_roof (vs the 256 MiB roofline, as the issue states it), pct_limit (vs a same-bytes
-add_ after the same flush, timed interleaved: the roofline does not pay the flushed cache's write-back), launches.
+Each target: (metric, op, value); metrics are row keys: median_ms (CUDA only), vs_seed, vs_best (vs the fastest
+correct row that is not ours), vs_peer (vs the fastest correct pure-torch peer with our numerics), pct_roof (vs
+the 256 MiB roofline), pct_limit (vs a same-bytes add_ after the same flush, timed interleaved: the roofline does
+not pay the flushed cache's write-back), launches.
 """
 
+# Ratios, measured in the same run, so that they carry over to any machine (the absolute times DESIGN quotes
+# were one VM's): x seed, x the best peer, % of the same-bytes limit.
 _CPU = {
-    ('ema', 's'): [('median_ms', '<=', 2.3), ('pct_roof', '>=', 90), ('pct_limit', '>=', 90), ('vs_seed', '>=', 4)],
-    ('ema', 'n'): [('median_ms', '<=', 0.85), ('vs_best', '>=', 1.15)],
-    ('ema', 'l'): [('median_ms', '<=', 14), ('pct_roof', '>=', 95), ('pct_limit', '>=', 95)],
-    ('fuse', 'l'): [('median_ms', '<=', 11)],
-    ('sparsity', 'l'): [('median_ms', '<=', 9)],
+    ('ema', 's'): [('pct_limit', '>=', 90), ('vs_seed', '>=', 4)],
+    ('ema', 'n'): [('vs_best', '>=', 1.15)],
+    ('ema', 'l'): [('pct_limit', '>=', 95)],
+    ('fuse', 'l'): [('vs_seed', '>=', 60), ('vs_best', '>=', 1.3)],
+    ('sparsity', 'l'): [('vs_seed', '>=', 6)],
 }
 _CUDA = {
     ('ema', 's'): [('median_ms', '<=', 0.060), ('launches', '<=', 1)],
@@ -20,14 +21,26 @@ _CUDA = {
     ('ema', 'x'): [('pct_roof', '>=', 80)],
     ('ema-mixed', '*'): [('vs_best', '>=', 3)],
 }
-_UNITS = {'median_ms': ' ms', 'vs_seed': 'x seed', 'vs_best': 'x best', 'pct_roof': '% roof', 'pct_limit': '% limit',
+# Our pure-torch rows, on every model and device: never slower than the seed, and at least as fast as the best
+# pure-torch peer with the same numerics (vs_peer; the peers are named in SAME_NUMERICS).
+_PURE = [('vs_seed', '>=', 1.0), ('vs_peer', '>=', 1.0)]
+SAME_NUMERICS = {
+    'ema': ('foreach mul, mul_, add_, cached lists (seed formula, no FMA)',),
+    'ema-mixed': ('foreach mul, mul_, add_, cached lists (seed formula, no FMA)',),
+    'fuse': ('pure-torch in-place broadcast fold per layer',),
+    'sparsity': ('seed loop ((p == 0).sum() per parameter)', 'count_nonzero per parameter, summed'),
+}
+_UNITS = {'median_ms': ' ms', 'vs_seed': 'x seed', 'vs_best': 'x best', 'vs_peer': 'x same-numerics peer',
+          'pct_roof': '% roof', 'pct_limit': '% limit',
           'launches': ' launch'}
 
 
 def targets_for(bench, model, device, impl):
-    """Targets apply to our compiled rows (whole-model fuse_model for fusion)."""
-    if 'compiled' not in impl or (bench == 'fuse' and 'fuse_model' not in impl):
+    """Targets apply to our rows (whole-model fuse_model for fusion)."""
+    if not impl.startswith('ours') or (bench == 'fuse' and 'fuse_model' not in impl):
         return []
+    if 'pure torch' in impl:
+        return _PURE
     table = _CUDA if device == 'cuda' else _CPU
     return table.get((bench, model), table.get((bench, '*'), []))
 

@@ -20,6 +20,7 @@ from bench_checks import ema_err
 
 U0 = 20000
 LIMIT = 'limit: one dst.add_(src) over the same bytes'
+SEED_FORMULA_PEER = 'foreach mul, mul_, add_, cached lists (seed formula, no FMA)'
 # (rtol, atol, inc_rtol): fp32 math is ~1 ulp per step; in the mixed case the seed (and Ultralytics) round
 # the increment (1-d)*m to bf16 (2^-8 relative), which inc_rtol admits and nothing else.
 TOL = {'fp32': (5e-6, 1e-7, 0.0), 'mixed': (5e-6, 1e-7, 2.0 ** -8)}
@@ -33,7 +34,8 @@ def _impls(case, device):
     rows = [('seed ModelEMA (state_dict each call)', 'seed', S.SeedModelEMA, None),
             ('timm-style foreach lerp (state_dict each call)', 'peer', S.TimmStyleEMA, None),
             ('foreach lerp, cached lists', 'peer', S.CachedForeachLerpEMA, None),
-            ('foreach mul+add, cached lists', 'peer', S.CachedForeachAxpbyEMA, None)]
+            ('foreach mul+add, cached lists', 'peer', S.CachedForeachAxpbyEMA, None),
+            (SEED_FORMULA_PEER, 'peer', S.CachedForeachSeedFormulaEMA, None)]
     if case == 'mixed':
         rows.append(('foreach upcast+lerp, cached lists', 'peer', S.CachedForeachUpcastLerpEMA, None))
     for name, cls, why in S.third_party_emas():
