@@ -25,6 +25,27 @@ def backend(request):
         yield request.param
 
 
+def same_layout_clone(t):
+    """A copy with the same strides (a plain clone() of a strided view is compacted)."""
+    base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+    return base.copy_(t)
+
+
+def ulps(a, b):
+    """Largest distance in units in the last place between two float tensors of one dtype (0 = same bits;
+    +0 and -0 count as equal)."""
+    if a.numel() == 0:
+        return 0
+    ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}[a.dtype]
+    lowest = torch.iinfo(ints).min
+
+    def ordered(t):  # sign-magnitude bits -> integers in float order (-0 and +0 both 0)
+        i = t.contiguous().view(ints).long()
+        return torch.where(i < 0, lowest - i, i)
+    return int((ordered(a) - ordered(b)).abs().max())
+
+
 def snapshot(tensors):
     return [t.detach().clone() for t in tensors]
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from gloo_helpers import close_gloo, init_gloo, run_workers
+from seed_oracle import SeedEMA
 
 import torchutils_ext
 from torchutils_ext import de_parallel, is_parallel, smart_DDP, torch_distributed_zero_first
@@ -75,7 +76,7 @@ def test_two_process_gloo(tmp_path):
     assert torch.allclose(r0['params'], r1['params'], atol=1e-6)  # and all-reduced grads kept ranks in sync
     # single-process reference: the whole batch at once (DDP averages the two halves' gradients)
     model = _net()
-    ema = torchutils_ext.ModelEMA(model, decay=0.9, tau=1.0)
+    ema, seed = torchutils_ext.ModelEMA(model, decay=0.9, tau=1.0), SeedEMA(model, decay=0.9, tau=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x in _batches():
         loss = (model(x[:16]).pow(2).mean() + model(x[16:]).pow(2).mean()) / 2
@@ -83,7 +84,9 @@ def test_two_process_gloo(tmp_path):
         loss.backward()
         opt.step()
         ema.update(model)
-    ref = torch.cat([p.detach().flatten() for p in ema.ema.parameters()])
+        seed.update(model)
+    ref = torch.cat([p.detach().flatten() for p in seed.ema.parameters()])
+    assert torch.equal(ref, torch.cat([p.detach().flatten() for p in ema.ema.parameters()]))
     assert r0['updates'] == r1['updates'] == ema.updates == 3
     assert not torch.allclose(ref, init, atol=1e-3)  # the EMA moved
     torch.testing.assert_close(r0['ema'], ref, rtol=1e-5, atol=1e-6)

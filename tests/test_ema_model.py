@@ -1,34 +1,14 @@
 """ModelEMA: parity with the seed over training steps, list revalidation, buffers, checkpoints, compile."""
 import copy
 import io
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 
+from seed_oracle import SeedEMA
+
 import torchutils_ext as tx
-
-
-class SeedEMA:
-    """The seed's ModelEMA, re-stated: state_dict every step, v *= d; v += (1 - d) * m for floating entries."""
-
-    def __init__(self, model, decay=0.9999, tau=2000, updates=0):
-        self.ema = copy.deepcopy(model).eval()
-        self.updates = updates
-        self.decay = lambda x: decay * (1 - math.exp(-x / tau))
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
-
-    def update(self, model):
-        with torch.no_grad():
-            self.updates += 1
-            d = self.decay(self.updates)
-            msd = model.state_dict()
-            for k, v in self.ema.state_dict().items():
-                if v.dtype.is_floating_point:
-                    v *= d
-                    v += (1 - d) * msd[k].detach()
 
 
 def small_net():
@@ -164,9 +144,10 @@ def test_bad_arguments():
 def test_checkpoint_resume_is_bit_exact(backend):
     """10 steps == 5 steps + save (seed layout) + load + smart_resume + 5 steps."""
     model_a = small_net()
-    ema_a = tx.ModelEMA(model_a)
-    train_steps(model_a, [ema_a], 5, seed=1)
-    train_steps(model_a, [ema_a], 5, seed=2)
+    ema_a, seed_a = tx.ModelEMA(model_a), SeedEMA(model_a)
+    train_steps(model_a, [ema_a, seed_a], 5, seed=1)
+    train_steps(model_a, [ema_a, seed_a], 5, seed=2)
+    assert states_equal(ema_a.ema, seed_a.ema)  # the uninterrupted run is the seed's, bit for bit
 
     model_b = small_net()
     ema_b = tx.ModelEMA(model_b)
@@ -213,7 +194,7 @@ def test_seed_checkpoint_loads_and_continues(backend):
 def test_torch_compile_training_step_matches_eager(backend):
     def run(compiled):
         model = small_net()
-        ema = tx.ModelEMA(model, tau=3)
+        ema, seed = tx.ModelEMA(model, tau=3), SeedEMA(model, tau=3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
         def step(x):
@@ -228,12 +209,14 @@ def test_torch_compile_training_step_matches_eager(backend):
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
             f(torch.randn(4, 3, 8, 8, generator=g))
-        return ema
+            seed.update(model)  # eager, outside the compiled step: the independent reference
+        return ema, seed
 
-    a, b = run(False), run(True)
+    (a, seed_a), (b, seed_b) = run(False), run(True)
     assert a.updates == b.updates == 3
-    for (k, x), y in zip(a.ema.state_dict().items(), b.ema.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=k)
+    assert states_equal(a.ema, seed_a.ema)
+    for (k, x), y in zip(seed_b.ema.state_dict().items(), b.ema.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6, msg=k)
 
 
 def test_pure_torch_path_revalidates_when_tensors_change():

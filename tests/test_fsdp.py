@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 from gloo_helpers import close_gloo, init_gloo, run_workers
+from seed_oracle import SeedEMA
 
 import torchutils_ext as tx
 
@@ -34,6 +35,15 @@ def _train(model, ema, batches, rank=None):
         loss.backward()
         opt.step()
         ema.update(model)
+
+
+class _Both:
+    def __init__(self, *emas):
+        self.emas = emas
+
+    def update(self, model):
+        for e in self.emas:
+            e.update(model)
 
 
 def _profile():
@@ -96,7 +106,9 @@ def test_model_ema_on_fully_sharded_model(tmp_path):
 
     model = _net()
     model[1].eval()
-    ref = tx.ModelEMA(model, decay=0.9, tau=1.0)
-    _train(model, ref, _batches())
-    for k, v in ref.ema.state_dict().items():
+    ours, seed = tx.ModelEMA(model, decay=0.9, tau=1.0), SeedEMA(model, decay=0.9, tau=1.0)
+    _train(model, _Both(ours, seed), _batches())
+    for k, v in ours.ema.state_dict().items():
+        assert torch.equal(v, seed.ema.state_dict()[k]), k  # single process: the seed's bits
+    for k, v in seed.ema.state_dict().items():
         torch.testing.assert_close(got['ema'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f'{k}: {m}')

@@ -5,11 +5,13 @@ Without the compiled ops (a pure-torch install) the twin is still checked agains
 """
 import pytest
 import torch
-import torch.nn as nn
 
 hypothesis = pytest.importorskip('hypothesis')  # a dev dependency; CI installs it (scripts/_install.sh)
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from conftest import same_layout_clone as _same_layout_clone  # noqa: E402
+from fold_cases import check_fold_case  # noqa: E402
 
 import torchutils_ext as tx  # noqa: E402
 from torchutils_ext import _ops  # noqa: E402
@@ -64,12 +66,6 @@ def _run_ema(backend, ema, model, decay, mode, decay_dtype):
     return out
 
 
-def _same_layout_clone(t):
-    """A copy with the same strides (a plain clone() of a strided view is compacted)."""
-    base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
-    return base.copy_(t)
-
-
 @SETTINGS
 @given(ema_cases())
 def test_ema_compiled_equals_twin_and_float64(case):
@@ -95,13 +91,6 @@ def test_ema_compiled_equals_twin_and_float64(case):
             assert ((x.to(F64) - t.to(F64)).abs() <= EMA_RTOL[e.dtype] * scale).all()
 
 
-CONVS = {
-    1: (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d),
-    2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d),
-    3: (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d),
-}
-
-
 @st.composite
 def fold_cases(draw):
     nd = draw(st.integers(0, 3))  # 0: Linear
@@ -115,77 +104,7 @@ def fold_cases(draw):
             draw(st.integers(0, 2 ** 31 - 1)))
 
 
-def _fold_inputs(case):
-    nd, transposed, groups, cin, cout, kernel, bias, affine, dtype, layout, seed = case
-    torch.manual_seed(seed)
-    if nd == 0:
-        layer, bn = nn.Linear(cin, cout, bias=bias), nn.BatchNorm1d(cout, affine=affine)
-    else:
-        conv, convt, bn_cls = CONVS[nd]
-        cls = convt if transposed else conv
-        layer, bn = cls(cin, cout, kernel, groups=groups, bias=bias), bn_cls(cout, affine=affine)
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.2, 2.0)
-        if affine:
-            bn.weight.normal_()
-            bn.bias.normal_()
-    w = layer.weight.detach().to(dtype)
-    if layout == 'channels_last' and w.dim() == 4:
-        w = w.contiguous(memory_format=torch.channels_last)
-    elif layout == 'strided':
-        w = _same_layout_clone_strided(w)
-    vec = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
-    args = ([w], [vec(layer.bias)], [vec(bn.weight)], [vec(bn.bias)], [vec(bn.running_mean)],
-            [vec(bn.running_var)], [bn.eps], [groups if transposed else 0])
-    return args, transposed, groups
-
-
-def _same_layout_clone_strided(w):
-    """w's values in a non-dense view (every other element of the last dim of a wider buffer)."""
-    wide = torch.zeros(*w.shape[:-1], 2 * w.shape[-1], dtype=w.dtype)
-    view = wide[..., ::2]
-    view.copy_(w)
-    return view
-
-
-def _f64_fold(args, transposed, groups):
-    (w,), (b,), (bw,), (bb,), (mean,), (var,), (eps,), _ = args
-    scale = (1.0 if bw is None else bw.double()) / torch.sqrt(var.double() + eps)
-    scale = scale.expand(var.shape)
-    shift = ((0.0 if b is None else b.double()) - mean.double()) * scale + (0.0 if bb is None else bb.double())
-    if transposed:
-        cin, opg = w.shape[0], w.shape[1]
-        f = scale.view(groups, 1, opg).expand(groups, cin // groups, opg).reshape(cin, opg)
-        f = f.view(cin, opg, *([1] * (w.dim() - 2)))
-    else:
-        f = scale.view(-1, *([1] * (w.dim() - 1)))
-    return w.double() * f, shift
-
-
-FOLD_RTOL = {F32: 1e-6, F64: 1e-14, F16: 2 ** -10, BF16: 2 ** -7}
-
-
 @SETTINGS
 @given(fold_cases(), st.booleans())
 def test_fold_compiled_equals_twin_and_float64(case, inplace):
-    args, transposed, groups = _fold_inputs(case)
-    dtype = args[0][0].dtype
-    ref_w, ref_b = _f64_fold(args, transposed, groups)
-    results = {}
-    for backend in ('torch', 'ext') if _ops.COMPILED else ('torch',):
-        w_in = [_same_layout_clone(args[0][0])]
-        before = w_in[0].clone()
-        with tx.use_backend(backend):
-            (w,), (b,) = _ops.fold_conv_bn(w_in, *args[1:], inplace=inplace)
-        if inplace:
-            assert w is w_in[0]
-        else:
-            assert torch.equal(w_in[0], before), 'the functional fold must not write its input'
-        assert w.dtype == dtype and b.dtype == dtype and b.shape == ref_b.shape
-        torch.testing.assert_close(w.double(), ref_w, rtol=FOLD_RTOL[dtype], atol=FOLD_RTOL[dtype] * 1e-3)
-        torch.testing.assert_close(b.double(), ref_b, rtol=FOLD_RTOL[dtype], atol=FOLD_RTOL[dtype])
-        results[backend] = (w, b)
-    if 'ext' in results:
-        assert torch.equal(results['ext'][0], results['torch'][0])
-        assert torch.equal(results['ext'][1], results['torch'][1])
+    check_fold_case(case, inplace)

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import ulps
+
 from torchutils_ext import _ops, _reference
 
 
@@ -56,39 +58,8 @@ def test_chunked_ema_is_the_seed_formula(monkeypatch, chunk, edt, mdt, mode):
         ext = [e.clone() for e in es]
         torch.ops.torchutils_ext.ema_update_(ext, ms, d, None, mode)
         # 'lerp': torch.lerp fuses a multiply-add and the kernels round twice, at most one ulp apart (README)
-        assert all(_ulps(a, b) <= (1 if mode == 'lerp' else 0) for a, b in zip(ext, got))
+        assert all(ulps(a, b) <= (1 if mode == 'lerp' else 0) for a, b in zip(ext, got))
 
-
-def _ulps(a, b):
-    """Largest distance in units in the last place between two same-sign float tensors."""
-    if a.numel() == 0:
-        return 0
-    ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}[a.dtype]
-    return int((a.contiguous().view(ints).long() - b.contiguous().view(ints).long()).abs().max())
-
-
-def test_chunked_ema_reuses_its_plan_and_follows_a_cast(monkeypatch):
-    monkeypatch.setattr(_reference, 'CHUNK', 16)
-    es, ms = _lists(torch.float32, torch.float32, seed=3)
-    batch = _reference.EmaBatch(es, ms)
-    for step in range(3):
-        want = _seed_formula(es, ms, 0.9, 'yolov5')
-        _reference.ema_update_(es, ms, 0.9, None, 'yolov5', batch=batch)
-        assert all(torch.equal(a, b) for a, b in zip(want, es)), step
-    chunks = batch.groups[0].chunks
-    assert len(chunks) > 3 and all(len(c[2]) == len(c[0]) for c in chunks)
-    ms2 = [m.to(torch.bfloat16) for m in ms]  # new tensors: the old batch must not be used for them
-    assert not batch.matches(es, ms2)
-
-
-def test_chunked_ema_decay_tensor(monkeypatch):
-    monkeypatch.setattr(_reference, 'CHUNK', 10)
-    es, ms = _lists(torch.float32, torch.bfloat16, seed=4)
-    d = torch.tensor(0.9993, dtype=torch.float64)
-    want = _seed_formula(es, ms, 0.9993, 'yolov5')
-    _reference.ema_update_(es, ms, 0.0, d, 'yolov5')
-    assert all(torch.equal(a, b) for a, b in zip(want, es))
 
 
 def _zero_mix(seed=0):

@@ -7,6 +7,7 @@ forces it; ``ext`` raises when the compiled op cannot serve.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 
 import torch
@@ -91,6 +92,9 @@ if COMPILED:
         for i, (e, m) in enumerate(zip(ema, model)):
             if e.shape != m.shape or e.device != m.device or e.device != ema[0].device:
                 raise ValueError(f'ema[{i}] and model[{i}] differ in shape or device')
+        if decay_tensor is not None and len(ema) and decay_tensor.device not in (ema[0].device, torch.device('cpu')):
+            # a meta decay tensor beside real lists lands here in eager mode: refuse, do not skip the update
+            raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
         return None
 
     @torch.library.register_fake('torchutils_ext::count_zeros')
@@ -161,6 +165,8 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
     (ModelEMA does). The compiled path keeps a validated-once EmaPlan there (one C++ call per update, with a
     C++ recheck of every tensor's pointer/dtype/shape); the pure-torch path keeps its validated batch.
     """
+    if isinstance(decay, numbers.Real) and not isinstance(decay, (int, float, bool)):
+        decay = float(decay)  # a numpy scalar (np.float32(0.9999)), as the seed's arithmetic accepts
     plan = _cached_plan(cache, ema, model, mode) if cache is not None else None
     if plan is not None and not torch.compiler.is_compiling():
         # the per-step path: one CPython call; the plan's C++ side rechecks every tensor and calls the kernel

@@ -7,6 +7,7 @@ lists when a module was moved/cast/replaced, and hands all floating tensors to `
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from copy import deepcopy
 from operator import getitem, is_
@@ -167,6 +168,9 @@ class ModelEMA:
     def __init__(self, model, decay=0.9999, tau=2000, updates=0, *, mode='yolov5', copy_buffers=False):
         if mode not in ('yolov5', 'lerp'):
             raise ValueError(f"mode must be 'yolov5' or 'lerp', got {mode!r}")
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+            raise TypeError(f'decay must be a number, got {type(decay).__name__}')
+        decay = float(decay)  # numpy scalars too: the ramp then yields plain floats
         if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
             raise ValueError(f'decay must be in [0, 1], got {decay}')
         if not tau > 0:

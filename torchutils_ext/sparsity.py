@@ -28,11 +28,16 @@ def sparsity(model):
 
 
 def prune(model, amount=0.3, *, global_unstructured=False):
-    """Prune Conv2d weights to ``amount`` sparsity by L1 magnitude: per layer (seed) or over all layers at once."""
+    """Prune Conv2d weights by L1 magnitude, per layer (seed) or over all layers at once. ``amount``: a fraction
+    in [0, 1], or, as torch's pruning takes it, an int count of weights to zero (per layer, or in all)."""
     import torch.nn.utils.prune as tprune
 
-    if not 0.0 <= amount <= 1.0:
-        raise ValueError(f'amount must be in [0, 1], got {amount}')
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise TypeError(f'amount must be a float fraction or an int count, got {type(amount).__name__}')
+    if isinstance(amount, int) and amount < 0:
+        raise ValueError(f'amount as a count must be >= 0, got {amount}')
+    if isinstance(amount, float) and not 0.0 <= amount <= 1.0:
+        raise ValueError(f'amount as a fraction must be in [0, 1], got {amount}')
     print('Pruning model... ', end='')
     convs = [m for _, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if global_unstructured and convs:

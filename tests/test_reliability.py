@@ -1,0 +1,65 @@
+"""Inputs the seed accepts that a drop-in must accept too, on both backends (issue: reliability, round 2)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import assert_untouched, snapshot
+from seed_oracle import SeedEMA
+
+import torchutils_ext as tx
+from torchutils_ext import _ops
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1))
+
+
+@pytest.mark.parametrize('decay', [np.float32(0.999), np.float64(0.999)])
+def test_numpy_decay(backend, decay):
+    model = _net()
+    ours, seed = tx.ModelEMA(model, decay=decay, tau=2), SeedEMA(model, decay=float(decay), tau=2)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        ours.update(model)
+        seed.update(model)
+    for (k, a), b in zip(ours.ema.state_dict().items(), seed.ema.state_dict().values()):
+        assert torch.equal(a, b), k  # the decay read as the float it holds
+    e, m = [torch.ones(3)], [torch.zeros(3)]
+    _ops.ema_update_(e, m, np.float32(0.5))  # the op wrapper takes a numpy scalar too
+    assert torch.equal(e[0], torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize('bad', [True, 'x', None])
+def test_non_number_decay_is_a_type_error(bad):
+    with pytest.raises(TypeError, match='decay'):
+        tx.ModelEMA(_net(), decay=bad)
+
+
+def test_prune_takes_a_count_like_torch(backend, capsys):
+    model = _net()
+    tx.prune(model, 5)  # torch's pruning: an int is a number of weights per layer
+    zeros = [int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert zeros == [5, 5]
+    with pytest.raises(ValueError, match='count'):
+        tx.prune(model, -1)
+    with pytest.raises(ValueError, match='fraction'):
+        tx.prune(model, 1.5)
+    with pytest.raises(TypeError):
+        tx.prune(model, True)
+
+
+def test_meta_decay_tensor_with_real_lists_raises(backend):
+    e, m = [torch.ones(4)], [torch.zeros(4)]
+    before = snapshot(e)
+    with pytest.raises(ValueError, match='decay tensor is on meta'):
+        _ops.ema_update_(e, m, torch.tensor(0.5, device='meta'))
+    assert_untouched(before, e)
+
+
+def test_sparsity_without_parameters_is_nan():
+    """The seed divides 0 by 0 in Python (ZeroDivisionError); ours keeps its 0-d tensor type: nan (README)."""
+    s = tx.sparsity(nn.ReLU())
+    assert isinstance(s, torch.Tensor) and s.dim() == 0 and torch.isnan(s)
