@@ -249,3 +249,16 @@ def test_ema_plan_cpython_functions_reject_bad_input():
     with pytest.raises(TypeError):
         C.ema_plan_revalidations(None)
     assert_untouched(before, ema)
+
+
+@pytest.mark.parametrize('case', ['length', 'shape'])
+def test_fake_kernel_refuses_what_the_kernels_refuse(case):
+    """Under FakeTensorMode (torch.compile's tracing) only the fake kernel runs: it must raise as the real ones do."""
+    if not _ops.COMPILED:
+        pytest.skip('fake kernels are registered with the compiled ops')
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        e = [torch.empty(3), torch.empty(4)]
+        m = [torch.empty(3)] if case == 'length' else [torch.empty(3), torch.empty(5)]
+        with pytest.raises(ValueError, match='differ in length' if case == 'length' else 'differ in shape'):
+            torch.ops.torchutils_ext.ema_update_(e, m, 0.5, None, 'yolov5')

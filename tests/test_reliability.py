@@ -63,3 +63,56 @@ def test_sparsity_without_parameters_is_nan():
     """The seed divides 0 by 0 in Python (ZeroDivisionError); ours keeps its 0-d tensor type: nan (README)."""
     s = tx.sparsity(nn.ReLU())
     assert isinstance(s, torch.Tensor) and s.dim() == 0 and torch.isnan(s)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def _fuse(model):
+    tx.fuse_model(model.eval())
+
+
+def _delattr(model):
+    del model[0].bn
+
+
+def _del_item(model):
+    del model[1]
+
+
+def _replace_block(model):
+    model[0] = nn.Conv2d(3, 4, 3)
+
+
+@pytest.mark.parametrize('change', [_fuse, _delattr, _del_item, _replace_block])
+def test_update_after_a_structure_change_raises_naming_the_entries(backend, change):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), nn.BatchNorm2d(4))
+    ema = tx.ModelEMA(model)
+    ema.update(model)
+    change(model)
+    before = snapshot(list(ema.ema.state_dict().values()))
+    named = r"no entry for the EMA's (0\.bn\.weight|1\.weight|0\.conv\.weight)"
+    with pytest.raises(tx.ModelStructureError, match=named) as info:
+        ema.update(model)
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)  # as the seed, and clearer
+    assert "KeyError" not in str(info.value) and str(info.value).startswith('ModelEMA.update')
+    assert_untouched(before, list(ema.ema.state_dict().values()))
+    assert ema.updates == 1
+
+
+def test_stateless_module_changes_do_not_rebuild(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), nn.BatchNorm2d(4))
+    ema = tx.ModelEMA(model)
+    ema.update(model)
+    plan = ema._plan
+    model[0].act = nn.ReLU()  # no state below it: the EMA's entries are all still there
+    ema.update(model)
+    assert ema._plan is plan and ema.updates == 2

@@ -7,7 +7,7 @@ from ._ops import backend_info, get_backend, set_backend, use_backend
 from .device import device_count, select_device, time_sync
 from .distributed import (LOCAL_RANK, RANK, WORLD_SIZE, de_parallel, is_parallel, smart_DDP,
                           torch_distributed_zero_first)
-from .ema import ModelEMA
+from .ema import ModelEMA, ModelStructureError
 from .fuse import fuse_conv_and_bn, fuse_model
 from .profiling import model_info, profile
 from .sparsity import prune, sparsity
@@ -27,5 +27,5 @@ __all__ = [
     'smart_inference_mode', 'smart_amp_autocast', 'smartCrossEntropyLoss', 'reshape_classifier_output',
     'smart_hub_load',
     # ours
-    'fuse_model', 'backend_info', 'get_backend', 'set_backend', 'use_backend',
+    'fuse_model', 'ModelStructureError', 'backend_info', 'get_backend', 'set_backend', 'use_backend',
 ]

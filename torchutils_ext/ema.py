@@ -37,25 +37,32 @@ def _state_slots(module: nn.Module):
 
 
 _SAME_ITEMS = getattr(_ops._C, 'same_items', None)  # None without the compiled extension
-_GENERATION = [0]  # bumped whenever a submodule is assigned or registered anywhere in this process
-_HOOK = []
 
 
-def _bump_generation(module, name, submodule):
-    _GENERATION[0] += 1
+class ModelStructureError(KeyError, ValueError):
+    """The model no longer has every entry of its EMA (a layer fused away, deleted or replaced). A KeyError, as
+    the seed's update raises there, and a ValueError, with a readable message."""
 
-
-def _watch_submodules():
-    """A plan checks the parameter/buffer slots it holds, which cannot see `model.block = NewBlock()`: the old
-    block's dicts still hold the old tensors. A global module-registration hook (installed once, a counter
-    bump per registration) tells a plan to recheck its module tree (rare: not every step)."""
-    if not _HOOK:
-        _HOOK.append(nn.modules.module.register_module_module_registration_hook(_bump_generation))
+    def __str__(self):
+        return str(self.args[0]) if self.args else ''
 
 
 def _module_tree(module: nn.Module):
-    """(parent's _modules dict, name, child) for every submodule edge."""
-    return [(m._modules, name, child) for m in modules_once(module) for name, child in m._modules.items()]
+    """(parent's _modules dict, name, child) for every submodule edge that leads to state. Part of the per-step
+    identity check: a module deleted (``delattr(block, 'bn')``, ``del seq[1]``) or replaced leaves its tensors in
+    its own dicts, where only its parent's ``_modules`` shows that it is gone. Edges to stateless subtrees
+    (activations, pooling, upsampling) cannot lose EMA entries and are left out of the check."""
+    stateful = {}
+
+    def holds_state(m):
+        got = stateful.get(id(m))
+        if got is None:
+            got = stateful[id(m)] = (any(p is not None for p in m._parameters.values())
+                                     or any(b is not None for b in m._buffers.values())
+                                     or any(c is not None and holds_state(c) for c in m._modules.values()))
+        return got
+    return [(m._modules, name, child) for m in modules_once(module) for name, child in m._modules.items()
+            if child is not None and holds_state(child)]
 
 
 def _is_dtensor(t) -> bool:
@@ -94,13 +101,19 @@ class _Plan:
 
     def __init__(self, ema: nn.Module, model: nn.Module):
         self.ema_module, self.model_module = ema, model
-        self.generation, self.tree = _GENERATION[0], _module_tree(ema) + _module_tree(model)
         es, ms = _state_slots(ema), _state_slots(model)
         missing = [k for k in es if k not in ms]
         if missing:
-            raise ValueError(f'model has no entry for EMA state {missing[:5]}: the model and its EMA differ in '
-                             'structure (was one of them fused or modified?)')
+            more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
+            raise ModelStructureError(
+                f"ModelEMA.update: the model has no entry for the EMA's {', '.join(missing[:5])}{more}. The model "
+                'and its EMA differ in structure (a layer fused, deleted or replaced after the EMA was made?): '
+                'fuse or change the model before ModelEMA(model), or build a new ModelEMA after the change.')
         self.dicts, self.keys, self.tensors = [], [], []
+        for d, name, child in _module_tree(ema) + _module_tree(model):  # checked with the slots, each step
+            self.dicts.append(d)
+            self.keys.append(name)
+            self.tensors.append(child)
         groups, self.ints, self.sharded = {}, ([], []), False
         seen = set()
         for k, (ed, en) in es.items():
@@ -129,7 +142,8 @@ class _Plan:
         self.caches = [{} for _ in self.groups]  # per group, for the pure-torch path's validated batch
 
     def _same_slots(self) -> bool:
-        """Every slot still holds the tensor this plan holds (a removed slot counts as changed)."""
+        """Every slot still holds the tensor (every module edge the submodule) this plan holds; a removed slot
+        counts as changed."""
         if _SAME_ITEMS is not None and not torch.compiler.is_compiling():  # dynamo cannot trace the C loop
             # C loop with prefetching, yolov5n after a flush: 175 -> 42 us
             return _SAME_ITEMS(self.dicts, self.keys, self.tensors)
@@ -145,13 +159,7 @@ class _Plan:
         return [([_local(e) for e in es], [_local(m) for m in ms]) for es, ms in self.groups]
 
     def current(self, ema: nn.Module, model: nn.Module) -> bool:
-        if not (ema is self.ema_module and model is self.model_module and self._same_slots()):
-            return False
-        if _GENERATION[0] != self.generation:  # some submodule was (re)assigned somewhere: is it one of ours?
-            if not all(d.get(name) is child for d, name, child in self.tree):
-                return False
-            self.generation = _GENERATION[0]
-        return True
+        return ema is self.ema_module and model is self.model_module and self._same_slots()
 
 
 class ModelEMA:
@@ -181,7 +189,6 @@ class ModelEMA:
         self.mode = mode
         self.copy_buffers = copy_buffers
         self._plan = None
-        _watch_submodules()
         for p in self.ema.parameters():
             p.requires_grad_(False)
 
