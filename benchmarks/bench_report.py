@@ -2,6 +2,7 @@
 import json
 import os
 
+import bench_chart
 from bench_targets import SAME_NUMERICS, evaluate
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
@@ -56,11 +57,12 @@ class Report:
             lines += [f"Roofline: `dst.add_(src)` over 256 MiB = {self.roof['gb_per_s']:.1f} GB/s (3 x bytes, "
                       f"median {self.roof['median_ms']:.2f} ms; the faster of a run before and one after the "
                       "benchmarks). x seed / x best: speed-up (>1 = faster) vs the seed / vs the fastest correct "
-                      "row that is not ours (seed, pure-torch peers, timm/Ultralytics). % roofline: bytes the op "
+                      "row that is not ours (seed, pure-torch peers, timm/Ultralytics). x peer (our pure-torch rows): "
+                      "vs the fastest pure-torch peer with the same numerics. % roofline: bytes the op "
                       "must move / roofline bandwidth / time. % limit (EMA, CPU): time of one `dst.add_(src)` moving the same "
                       "bytes after the same cache flush / time, timed interleaved with the rows.", '']
-        cols = ['model', 'implementation', 'median ms', 'min–max ms', 'x seed', 'x best', '% roofline', '% limit',
-                'launches', 'check', 'target']
+        cols = ['model', 'implementation', 'median ms', 'min–max ms', 'x seed', 'x best', 'x peer', '% roofline',
+                '% limit', 'launches', 'check', 'target']
         keep = [i for i, c in enumerate(cols) if not (c == 'launches' and self.device == 'cpu')]  # CUDA only
         for bench, title in TITLES.items():
             rows = [r for r in self.rows if r['bench'] == bench]
@@ -82,6 +84,13 @@ class Report:
                       f, indent=1, default=str)
         with open(stem + '.md', 'w') as f:
             f.write(self.markdown() + '\n')
+        i = self.info
+        chart = bench_chart.svg(self.rows, TITLES, f"torchutils_ext speed-up, {self.device}{' (quick)' if self.quick else ''}"
+                                f": {i['cpu'] if self.device == 'cpu' else i.get('gpu', '')}, torch {i['torch']}, "
+                                f"{i['threads']} thread(s), {i['date']}")
+        if chart:
+            with open(stem + '.svg', 'w') as f:
+                f.write(chart)
         return stem
 
 
@@ -95,9 +104,28 @@ def _fmt(v, spec):
 
 def _cells(r):
     if r['median_ms'] is None:
-        return [r['model'], r['impl'], '—', '', '', '', '', '', '', r['check'], r['note']]
+        return [r['model'], r['impl'], '—', '', '', '', '', '', '', '', r['check'], r['note']]
     ms = r['median_ms']
     spec = '.3f' if ms < 10 else '.1f'
     return [r['model'], r['impl'], format(ms, spec), f"{r['min_ms']:{spec}}–{r['max_ms']:{spec}}",
-            _fmt(r.get('vs_seed'), '.2f'), _fmt(r.get('vs_best'), '.2f'), _fmt(r.get('pct_roof'), '.0f'),
+            _fmt(r.get('vs_seed'), '.2f'), _fmt(r.get('vs_best'), '.2f'),
+            _fmt(r.get('vs_peer') if r['role'] == 'ours' and 'pure torch' in r['impl'] else None, '.2f'),
+            _fmt(r.get('pct_roof'), '.0f'),
             _fmt(r.get('pct_limit'), '.0f'), _fmt(r['launches'], 'd'), r['check'], ' '.join(x for x in (r.get('target', ''), r['note']) if x)]
+
+
+def rerender(json_path):
+    """Tables and chart again from a run's json (after a change to the report's layout; nothing is re-timed)."""
+    with open(json_path) as f:
+        d = json.load(f)
+    device = 'cuda' if os.path.basename(json_path).startswith('cuda') else 'cpu'
+    r = Report(device, d['quick'], d['machine'])
+    r.roof, r.roof_runs, r.rows = d['roofline'], d.get('roofline_runs'), d['rows']
+    r.finalize()
+    return r.write()
+
+
+if __name__ == '__main__':
+    import sys
+    for path in sys.argv[1:]:
+        print('written:', rerender(path) + '.{json,md,svg}')

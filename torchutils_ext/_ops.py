@@ -53,11 +53,22 @@ def use_backend(name: str):
         set_backend(prev)
 
 
+def _kernel_table():
+    """{(op, device type): has a compiled kernel}, read once: the registrations do not change after the load, and
+    a plain dict lookup is what torch.compile can trace (the dispatcher query is not)."""
+    table = {}
+    for op in OPS:
+        for device_type, key in (('cpu', 'CPU'), ('cuda', 'CUDA')):
+            table[(op, device_type)] = COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(
+                f'torchutils_ext::{op}', key)
+    return table
+
+
+_KERNELS = _kernel_table()
+
+
 def _has_kernel(op: str, device_type: str) -> bool:
-    if not COMPILED:
-        return False
-    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f'torchutils_ext::{op}', key)
+    return _KERNELS.get((op, device_type), False)
 
 
 def use_ext(op: str, device: torch.device | str) -> bool:
@@ -192,13 +203,13 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
                 plan = cache['ext_plan'] = _C.ema_plan_new(list(ema), list(model), mode)
                 cache['ext_key'] = (ema, model, mode, _backend)
             _C.ema_plan_update(plan, float(d), decay_tensor)
-        elif cache is None:
+        elif cache is None or torch.compiler.is_compiling():
             _reference.ema_update_(ema, model, d, decay_tensor, mode)
         else:
             batch = cache.get('torch_batch')
             if batch is None or not batch.matches(ema, model):
                 batch = cache['torch_batch'] = _reference.EmaBatch(ema, model)
-            _reference.ema_update_(ema, model, d, decay_tensor, mode, batch=batch)
+            _reference.ema_update_(ema, model, d, decay_tensor, mode, batch=batch, matched=True)
 
 
 def count_zeros(tensors) -> torch.Tensor:

@@ -74,7 +74,7 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
                              f'the device of ema[0] ({ema[0].device})')
     if decay_tensor is not None and ema and decay_tensor.device != ema[0].device and decay_tensor.device.type != 'cpu':
         raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
-    if ema and ema[0].device.type != 'meta':
+    if ema and ema[0].device.type != 'meta' and not torch.compiler.is_compiling():  # traced: no real memory
         es = sorted(s for s in (_span(e) for e in ema) if s is not None)
         if _overlaps(es):
             raise ValueError('ema tensors overlap in memory: each EMA tensor must own its storage')

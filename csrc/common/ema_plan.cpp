@@ -4,6 +4,7 @@
 // every tensor still has the data pointer, dtype, device, sizes and strides it was validated with (a .to()/
 // .half()/`.data =` swap changes one and triggers full revalidation), then runs the device kernel directly.
 #include "ema_plan.h"
+#include "inplace.h"
 
 #include <torch/library.h>
 
@@ -39,12 +40,13 @@ void EmaPlan::update(double decay, std::optional<at::Tensor> decay_tensor) {
     ++revalidations_;
   }
   if (ema_.empty()) return;
+  check_writable(ema_, "EmaPlan.update");
   set_ema_decay(call_, decay, decay_tensor, ema_[0].device());
   const EmaRunner run = ema_runner(ema_[0].device().type());
   TORCH_CHECK(run != nullptr, "EmaPlan: no ema_update_ kernel was built for ", ema_[0].device());
   run(call_, ema_, model_);
   call_.decay_tensor.reset();  // hold no reference between calls
-  for (const auto& e : ema_) e.unsafeGetTensorImpl()->bump_version();  // as an in-place op would
+  bump_versions(ema_);
 }
 
 void EmaPlan::validate() {

@@ -6,6 +6,8 @@
 #include <optional>
 #include <vector>
 
+#include "inplace.h"
+
 namespace torchutils_ext {
 
 using OptTensorList = c10::List<std::optional<at::Tensor>>;
@@ -69,7 +71,11 @@ void fold_inplace(at::TensorList weight, at::TensorList bias_out, const OptTenso
   const FoldArgs a{weight, bias, bn_weight, bn_bias, mean, var, eps, groups};
   check_fold_args(a);
   check_fold_outputs(a, bias_out);
+  check_writable(weight, "fold_conv_bn_");
+  check_writable(bias_out, "fold_conv_bn_");
   Fold(a, weight.vec(), bias_outputs(bias_out, weight.size()));
+  bump_versions(weight);
+  bump_versions(bias_out);
 }
 
 }  // namespace torchutils_ext

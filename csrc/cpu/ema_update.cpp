@@ -5,6 +5,7 @@
 
 #include "../common/ema_args.h"
 #include "../common/ema_math.h"
+#include "../common/inplace.h"
 #include "simd.h"
 
 namespace torchutils_ext {
@@ -108,7 +109,10 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
 
 void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay,
                     const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
-  ema_run_cpu(check_ema_args(ema, model, decay, decay_tensor, mode), ema, model);
+  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode);
+  check_writable(ema, "ema_update_");
+  ema_run_cpu(call, ema, model);
+  bump_versions(ema);
 }
 
 const EmaRunnerRegistration register_cpu_runner(c10::DeviceType::CPU, &ema_run_cpu);

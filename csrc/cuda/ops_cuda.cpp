@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include "../common/inplace.h"
 
 #include "../common/ema_args.h"
 #include "../common/fold_args.h"
@@ -49,7 +50,10 @@ void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model)
 
 void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay,
                      const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
-  ema_run_cuda(check_ema_args(ema, model, decay, decay_tensor, mode), ema, model);
+  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode);
+  check_writable(ema, "ema_update_");
+  ema_run_cuda(call, ema, model);
+  bump_versions(ema);
 }
 
 const EmaRunnerRegistration register_cuda_runner(c10::DeviceType::CUDA, &ema_run_cuda);
