@@ -116,3 +116,37 @@ def test_stateless_module_changes_do_not_rebuild(backend):
     model[0].act = nn.ReLU()  # no state below it: the EMA's entries are all still there
     ema.update(model)
     assert ema._plan is plan and ema.updates == 2
+
+
+@pytest.mark.parametrize('op', ['ema', 'fold'])
+def test_self_overlapping_output_raises_before_any_write(backend, op):
+    if op == 'ema':
+        e = [torch.ones(3), torch.ones(1).expand(4)]  # the second target: 4 elements, one memory location
+        before = snapshot(e)
+        with pytest.raises(ValueError, match='share memory'):
+            _ops.ema_update_(e, [torch.zeros(3), torch.zeros(4)], 0.5)
+        assert_untouched(before, e)
+    else:
+        w = [torch.full((2, 2, 1, 1), 2.0), torch.ones(1, 1, 1, 1).expand(2, 1, 1, 1)]
+        before = snapshot(w)
+        with pytest.raises(ValueError, match='share memory'):
+            _ops.fold_conv_bn(w, [None, None], [None, None], [None, None], [torch.zeros(2)] * 2,
+                              [torch.ones(2)] * 2, [1e-5, 1e-5], [0, 0], inplace=True)
+        assert_untouched(before, w)
+
+
+WIDE_DTYPES = [getattr(torch, n) for n in ('uint16', 'uint32', 'uint64', 'float8_e4m3fn', 'float8_e5m2',
+                                           'float8_e4m3fnuz', 'float8_e5m2fnuz') if hasattr(torch, n)]
+
+
+@pytest.mark.parametrize('dtype', WIDE_DTYPES, ids=str)
+def test_count_zeros_dtypes_the_seed_counts(backend, dtype):
+    """The seed's `(p == 0).sum()` counts these; count_nonzero and logical_not have no CPU kernel for them."""
+    src = torch.tensor([0, 1, 0, 2, 3, 0, 0, 1] * 40, dtype=torch.float32)
+    t = src.to(dtype)
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t[1] = -0.0  # these formats have a negative zero: it is zero
+    want = int((t == 0).sum())
+    assert want == 4 * 40 + (1 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0)
+    assert int(_ops.count_zeros([t, torch.zeros(3)])) == want + 3
+    assert int(_ops.count_zeros([t[::2]])) == int((t[::2] == 0).sum())  # strided: the fallback path

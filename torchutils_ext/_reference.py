@@ -224,11 +224,18 @@ def _scratch(name, dtype):
     return buf
 
 
+# dtypes without a CPU logical_not kernel (unsigned wider than a byte, float8): counted with `t == 0`
+_EQ_ONLY = {getattr(torch, n) for n in ('uint16', 'uint32', 'uint64', 'float8_e4m3fn', 'float8_e5m2',
+                                         'float8_e4m3fnuz', 'float8_e5m2fnuz') if hasattr(torch, n)}
+
+
 def _cpu_zero_counts(tensors):
     flags = _scratch('flags', torch.bool)
     counts, small = [], defaultdict(list)
     for t in tensors:
-        if t.numel() > ZERO_CHUNK // 4:
+        if t.dtype in _EQ_ONLY:
+            counts.append((t == 0).sum())
+        elif t.numel() > ZERO_CHUNK // 4:
             for piece in t.reshape(-1).split(ZERO_CHUNK):  # a copy only for a non-contiguous tensor
                 counts.append(_zeros_in(piece, flags))
         else:

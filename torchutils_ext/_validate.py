@@ -75,6 +75,7 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
     if decay_tensor is not None and ema and decay_tensor.device != ema[0].device and decay_tensor.device.type != 'cpu':
         raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
     if ema and ema[0].device.type != 'meta' and not torch.compiler.is_compiling():  # traced: no real memory
+        check_self_overlap(ema, 'ema_update_')
         es = sorted(s for s in (_span(e) for e in ema) if s is not None)
         if _overlaps(es):
             raise ValueError('ema tensors overlap in memory: each EMA tensor must own its storage')
@@ -117,10 +118,20 @@ def check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed
             raise ValueError(f'eps[{i}] must be finite and >= 0, got {e}')
 
 
+def check_self_overlap(tensors, what):
+    """Outputs written in place must not have elements sharing memory (expand()ed, stride 0), as torch's own
+    in-place ops refuse them: checked for all before the first write."""
+    for i, t in enumerate(tensors):
+        if t is not None and t.device.type != 'meta' and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f'{what}: output {i} has elements that share memory (an expand()ed or stride-0 '
+                             'tensor); it cannot be written in place')
+
+
 def check_fold_inplace(weight, *reads):
     """In-place folding writes every weight: no two may share memory, nor a weight with a BN/bias input."""
     if not weight or weight[0].device.type == 'meta':
         return
+    check_self_overlap(weight, 'fold_conv_bn_')
     ws = sorted(s for s in (_span(w) for w in weight) if s is not None)
     if _overlaps(ws):
         raise ValueError('fold_conv_bn_: two weights overlap in memory; each must own its storage')

@@ -1,6 +1,7 @@
 #include "ema_args.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +37,10 @@ bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
 
 void check_no_overlap(at::TensorList writes, at::TensorList reads, const char* what) {
   if (writes.empty() || writes[0].is_meta()) return;
+  for (size_t i = 0; i < writes.size(); ++i)  // e.g. expand()ed: a write to one element would land on others
+    TORCH_CHECK_VALUE(!writes[i].defined() || at::has_internal_overlap(writes[i]) != at::MemOverlap::Yes, what,
+                      ": output ", i, " has elements that share memory (an expand()ed or stride-0 tensor); it "
+                      "cannot be written in place");
   std::vector<std::pair<uintptr_t, uintptr_t>> w, r;
   for (const auto& t : writes)
     if (t.numel()) w.push_back(span(t));

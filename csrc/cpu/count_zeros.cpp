@@ -66,7 +66,7 @@ at::Tensor count_zeros_cpu(at::TensorList tensors) {
       for (int64_t b = 0, n = t.numel(); b < n; b += kChunk)
         work.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
     } else {
-      total += t.numel() - at::count_nonzero(t).item<int64_t>();
+      total += t.eq(0).sum().item<int64_t>();  // eq serves more dtypes than count_nonzero
     }
   }
   std::vector<int64_t> counts(work.size());

@@ -72,7 +72,7 @@ at::Tensor count_zeros_cuda(at::TensorList tensors) {
     if (z.supported && t.is_non_overlapping_and_dense()) {
       if (t.numel()) entries.push_back({t.data_ptr(), t.numel(), z.mask, z.elem_size});
     } else {
-      out.add_(t.numel() - at::count_nonzero(t));
+      out.add_(t.eq(0).sum());  // eq serves more dtypes than count_nonzero
     }
   }
   cuda::launch_count_zeros(entries.data(), static_cast<int>(entries.size()), out.data_ptr<int64_t>(),
