@@ -150,3 +150,59 @@ def test_count_zeros_dtypes_the_seed_counts(backend, dtype):
     assert want == 4 * 40 + (1 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0)
     assert int(_ops.count_zeros([t, torch.zeros(3)])) == want + 3
     assert int(_ops.count_zeros([t[::2]])) == int((t[::2] == 0).sum())  # strided: the fallback path
+
+
+class _Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame signature: no padding_mode, no device; 'same' padding computed in forward."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+
+    def forward(self, x):
+        k = self.weight.shape[-1]
+        return nn.functional.conv2d(nn.functional.pad(x, [k // 2] * 4), self.weight, self.bias, self.stride)
+
+
+class _NeedsExtra(nn.Conv2d):
+    def __init__(self, tag, *args, **kw):
+        super().__init__(*args, **kw)
+        self.tag = tag
+
+
+@pytest.mark.parametrize('make', [lambda: _Conv2dSame(3, 4, 3), lambda: _NeedsExtra('x', 3, 4, 3, padding=1)])
+def test_fuse_conv_subclasses_that_init_cannot_rebuild(backend, make):
+    torch.manual_seed(0)
+    conv, bn = make().eval(), nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 8, 8)
+    fused = tx.fuse_conv_and_bn(conv, bn)
+    assert type(fused) is type(conv) and getattr(fused, 'tag', None) == getattr(conv, 'tag', None)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_model_of_a_script_module_says_what_to_do():
+    m = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    with pytest.raises(TypeError, match='fuse the eager model first'):
+        tx.fuse_model(m)
+
+
+def test_fuse_model_leaves_a_conv_shared_by_two_blocks(backend):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    a, b = _Block(), _Block()
+    a.conv = b.conv = conv
+    for blk in (a, b):
+        with torch.no_grad():
+            blk.bn.running_mean.uniform_(-1, 1)
+    model = nn.Sequential(a, b.conv, b.bn).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = model[0](x), model[2](model[1](x))
+        tx.fuse_model(model)
+        got = model[0](x), model[2](model[1](x))
+    assert hasattr(a, 'bn') and isinstance(model[2], nn.BatchNorm2d)  # neither pair folded
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)

@@ -1,12 +1,16 @@
 """Conv/Linear + BatchNorm folding: the seed's fuse_conv_and_bn, and fuse_model for a whole model in one call."""
 from __future__ import annotations
 
+import inspect
+import logging
+
 import torch
 import torch.nn as nn
 
 from ._ops import fold_conv_bn
 from ._walk import modules_once
 
+_LOG = logging.getLogger('torchutils_ext')
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 # Exact types only: subclasses (timm's BatchNormAct2d, ...) add behaviour that folding would drop.
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -83,19 +87,38 @@ def _new_layer_like(layer):
     ~0.3 ms a layer, half of fuse_conv_and_bn per layer on yolov5l. Subclasses are built through __init__."""
     cls = type(layer)
     if cls in _CONV:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for k, v in layer.__dict__.items():  # hyperparameters only: ints, tuples, str, one list
-            if k not in _MODULE_KEYS:
-                new.__dict__[k] = list(v) if isinstance(v, list) else v
-        return new
+        return _copy_hyperparameters(layer)
     if isinstance(layer, nn.Linear):
-        return nn.Linear(layer.in_features, layer.out_features, bias=True, device='meta')
-    kw = dict(kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-              groups=layer.groups, bias=True, padding_mode=layer.padding_mode, device='meta')
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
-        kw['output_padding'] = layer.output_padding
-    return cls(layer.in_channels, layer.out_channels, **kw)  # meta: no allocation
+        args, kw = (layer.in_features, layer.out_features), dict(bias=True, device='meta')
+    else:
+        args = (layer.in_channels, layer.out_channels)
+        kw = dict(kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                  dilation=layer.dilation, groups=layer.groups, bias=True, padding_mode=layer.padding_mode,
+                  device='meta')  # meta: no allocation
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            kw['output_padding'] = layer.output_padding
+    try:  # a subclass's __init__ may take fewer keywords (timm's Conv2dSame has no padding_mode, no device)
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            kw = {k: v for k, v in kw.items() if k in params}
+        new = cls(*args, **kw)
+    except (TypeError, ValueError):  # it cannot be rebuilt from the hyperparameters: copy its attributes
+        return _copy_hyperparameters(layer)
+    for k in ('stride', 'padding', 'dilation', 'groups', 'padding_mode', 'output_padding'):
+        if k in layer.__dict__:  # whatever its __init__ did with them, keep the layer's own
+            new.__dict__[k] = layer.__dict__[k]
+    return new
+
+
+def _copy_hyperparameters(layer):
+    """A layer of the same class with the same non-module attributes, built without __init__."""
+    cls = type(layer)
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in layer.__dict__.items():  # hyperparameters only: ints, tuples, str, a list
+        if k not in _MODULE_KEYS:
+            new.__dict__[k] = list(v) if isinstance(v, list) else v
+    return new
 
 
 def _foldable(layer, bn) -> bool:
@@ -149,7 +172,18 @@ def fuse_model(model):
     one (the YOLOv5/Ultralytics convention; otherwise ``bn`` becomes ``nn.Identity``); a BN that follows a layer
     in an ``nn.Sequential`` becomes ``nn.Identity``. Folding uses the BN running statistics (eval semantics).
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError('fuse_model changes an nn.Module in place; a ScriptModule (torch.jit.script/trace) cannot '
+                        'be changed that way: fuse the eager model first, then script it')
     found = _find_pairs(model)
+    uses = {}
+    for _, layer, _, _ in found:
+        uses[id(layer)] = uses.get(id(layer), 0) + 1
+    for parent, layer, bn, how in found:
+        if uses[id(layer)] > 1:  # one weight cannot hold two BNs: folding either would corrupt the other's path
+            _LOG.debug('fuse_model: %s is followed by %d BatchNorms; left unfused', type(layer).__name__,
+                       uses[id(layer)])
+    found = [f for f in found if uses[id(f[1])] == 1]
     pairs = [(layer, bn if how == 'block' else parent._modules[bn]) for parent, layer, bn, how in found]
     for layer, bn in pairs:
         _check_pair(layer, bn)
