@@ -206,3 +206,75 @@ def test_fuse_model_leaves_a_conv_shared_by_two_blocks(backend):
     assert hasattr(a, 'bn') and isinstance(model[2], nn.BatchNorm2d)  # neither pair folded
     for w, g in zip(want, got):
         assert torch.equal(w, g)
+
+
+# fuse_model folds only pairs whose wiring is known; each of these wires .conv/.bn or a Sequential otherwise, and
+# folding them anyway changed the output by 1.2 to 10.8 (max abs) before.
+class _PreAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU()
+
+    def forward(self, x):
+        return self.conv(self.act(self.bn(x)))
+
+
+class _SumBlock(nn.Module):  # Ultralytics' Conv2 shape: bn(conv(x) + cv2(x))
+    def __init__(self):
+        super().__init__()
+        self.conv, self.cv2, self.bn, self.act = (nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1),
+                                                  nn.BatchNorm2d(4), nn.SiLU())
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x) + self.cv2(x)))
+
+
+class _Reversed(nn.Sequential):
+    def forward(self, x):
+        for m in reversed(self):
+            x = m(x)
+        return x
+
+
+class _StdConv(nn.Conv2d):  # weight standardisation: its forward transforms the weight
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True)
+                                                                          + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _shared_elsewhere():
+    blk = _Block()
+    blk.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    return nn.Sequential(blk, nn.Sequential(blk.conv))  # the conv also runs without its BN
+
+
+def _hooked_conv():
+    s = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    s[0].register_forward_hook(lambda m, i, o: o * 2 + 1)
+    return s
+
+
+@pytest.mark.parametrize('make', [_PreAct, _SumBlock, lambda: _Reversed(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+                                  lambda: nn.Sequential(_StdConv(4, 4, 3, padding=1), nn.BatchNorm2d(4)),
+                                  _shared_elsewhere, _hooked_conv],
+                         ids=['pre-activation', 'bn-of-a-sum', 'reordering-sequential', 'conv-with-own-forward',
+                              'conv-used-twice', 'forward-hook'])
+def test_fuse_model_leaves_pairs_whose_wiring_it_cannot_know(backend, make, caplog):
+    torch.manual_seed(0)
+    model = make().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+        n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        with caplog.at_level('DEBUG', logger='torchutils_ext'):
+            tx.fuse_model(model)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn
+        assert torch.equal(model(x), want)
+    assert 'left unfused' in caplog.text

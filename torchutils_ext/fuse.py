@@ -131,21 +131,67 @@ def _foldable(layer, bn) -> bool:
     return _buffer(bn, 'running_mean') is not None and p.get('weight') is not None and 'bias' in p
 
 
+def _yolo_conv_forward(self, x):  # the forward of YOLOv5's and Ultralytics' Conv (and DWConv, a subclass)
+    return self.act(self.bn(self.conv(x)))
+
+
+def _conv_bn_forward(self, x):
+    return self.bn(self.conv(x))
+
+
+_KNOWN_FORWARDS = {(f.__code__.co_code, f.__code__.co_names) for f in (_yolo_conv_forward, _conv_bn_forward)}
+_PLAIN_FORWARDS = {c.forward for c in _CONV} | {nn.Sequential.forward}
+
+
+def _known_block(m) -> bool:
+    """A block whose forward is exactly ``act(bn(conv(x)))`` or ``bn(conv(x))``: compared as bytecode, so a
+    pre-activation block, ``bn(conv(x) + cv2(x))`` (Ultralytics' Conv2) or any other wiring of the same
+    attributes does not match."""
+    code = getattr(type(m).forward, '__code__', None)
+    return code is not None and (code.co_code, code.co_names) in _KNOWN_FORWARDS
+
+
+def _hooked(*modules) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 def _find_pairs(model):
-    """(parent, layer, bn, how) for YOLO-style blocks (``.conv`` + ``.bn``) and Sequential layer→BN runs."""
+    """(parent, layer, bn, how) for the pairs whose wiring is known without tracing: YOLO blocks whose forward is
+    ``act(bn(conv(x)))`` and layer→BN neighbours in a plain ``nn.Sequential``; the layer and the BN run torch's
+    own forward, carry no hooks and are registered at one place only. Every other candidate is logged (debug)
+    with the reason it is left alone: folding a pair that forward() does not wire that way corrupts the model."""
+    places = {}
+    for m in modules_once(model):
+        for child in m._modules.values():
+            if child is not None:
+                places[id(child)] = places.get(id(child), 0) + 1
     found, seen = [], set()
+
+    def consider(parent, layer, bn, key, how, wiring_known):
+        if not _foldable(layer, bn) or id(bn) in seen:
+            return
+        why = ('its forward() is not act(bn(conv(x))) or bn(conv(x))' if not wiring_known
+               else f'{type(layer).__name__} has its own forward()' if type(layer).forward not in _PLAIN_FORWARDS
+               else 'a hook runs on it' if _hooked(parent, layer, bn)
+               else 'the layer or the BatchNorm is registered at more than one place'
+               if places.get(id(layer), 0) > 1 or places.get(id(bn), 0) > 1 else None)
+        if why:
+            _LOG.debug('fuse_model: %s -> %s in %s left unfused: %s', type(layer).__name__, type(bn).__name__,
+                       type(parent).__name__, why)
+            return
+        seen.add(id(bn))
+        found.append((parent, layer, key, how))
+
     for m in modules_once(model):
         kids = m._modules  # dict lookups: getattr misses on ~all modules cost ~10 us each
         conv, bn = kids.get('conv'), kids.get('bn')
-        if _foldable(conv, bn) and id(bn) not in seen:
-            seen.add(id(bn))
-            found.append((m, conv, bn, 'block'))
+        if conv is not None and bn is not None:
+            consider(m, conv, bn, bn, 'block', _known_block(m))
         if isinstance(m, nn.Sequential):
             items = list(kids.items())
             for (_, a), (name, b) in zip(items, items[1:]):
-                if _foldable(a, b) and id(b) not in seen:
-                    seen.add(id(b))
-                    found.append((m, a, name, 'seq'))
+                consider(m, a, b, name, 'seq', type(m).forward is nn.Sequential.forward)
     return found
 
 
