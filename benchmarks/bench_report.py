@@ -51,8 +51,9 @@ class Report:
     def markdown(self):
         i = self.info
         lines = [f"# torchutils_ext benchmarks ({self.device}{', quick' if self.quick else ''})", '',
-                 f"{i['date']} · CPU: {i['cpu']} ({i['cpu_count']} logical) · GPU: {i.get('gpu', 'none')} · "
-                 f"torch {i['torch']} · threads {i['threads']} · torchutils_ext {i.get('torchutils_ext')}", '']
+                 f"{i['date']} · commit {i.get('commit', 'unknown')} · CPU: {i['cpu']} ({i['cpu_count']} logical) · "
+                 f"GPU: {i.get('gpu', 'none')} · torch {i['torch']}{' · CUDA ' + i['cuda'] if i.get('cuda') else ''} · "
+                 f"threads {i['threads']} · torchutils_ext {i.get('torchutils_ext')}", '']
         if self.roof:
             lines += [f"Roofline: `dst.add_(src)` over 256 MiB = {self.roof['gb_per_s']:.1f} GB/s (3 x bytes, "
                       f"median {self.roof['median_ms']:.2f} ms; the faster of a run before and one after the "
@@ -85,9 +86,10 @@ class Report:
         with open(stem + '.md', 'w') as f:
             f.write(self.markdown() + '\n')
         i = self.info
-        chart = bench_chart.svg(self.rows, TITLES, f"torchutils_ext speed-up, {self.device}{' (quick)' if self.quick else ''}"
-                                f": {i['cpu'] if self.device == 'cpu' else i.get('gpu', '')}, torch {i['torch']}, "
-                                f"{i['threads']} thread(s), {i['date']}")
+        where = i['cpu'] if self.device == 'cpu' else i.get('gpu', '')
+        chart = bench_chart.svg(self.rows, TITLES, f"torchutils_ext speed-up, {self.device}"
+                                f"{' (quick)' if self.quick else ''}: {where}, torch {i['torch']}, {i['threads']} "
+                                f"thread(s), {i['date']}, commit {i.get('commit', 'unknown')}")
         if chart:
             with open(stem + '.svg', 'w') as f:
                 f.write(chart)

@@ -1,40 +1,70 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (no network, torch preinstalled): build the CUDA kernels for the
-# local GPU against the torch already there, run the CUDA tests and the rest of the suite, then the CUDA
-# benchmarks, and print one table. Logs and results go to $OUT (default benchmarks/results/gpu).
-# Usage: bash benchmarks/gpu_check.sh [models, default s,l,x]
+# One prepared run for a lent GPU machine (no network, torch preinstalled), in two parts so that the quick one
+# always fits a device budget that also pays for the machine's start:
+#   bash benchmarks/gpu_check.sh quick            build for the visible GPU, CUDA tests, the probe (~3-5 min)
+#   bash benchmarks/gpu_check.sh bench [s,l,x]    the CUDA benchmark tables (after quick, on the same machine)
+# Everything goes to $OUT (default benchmarks/results/gpu): check.log (build, tests, probe) or bench.log, and for
+# bench the fresh cuda.{md,json,svg}. Old results are deleted first; each log starts with a stamp (commit, time,
+# torch, CUDA, GPU) and each result file carries the same in its header, so figures from an earlier run can
+# never come back looking new.
+# COMMIT=<sha> names the commit where the copy has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-quick}
+MODELS=${2:-s,l,x}
 OUT=${OUT:-benchmarks/results/gpu}
-MODELS=${1:-s,l,x}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 unset TORCH_CUDA_ARCH_LIST  # setup.py builds for the visible GPU
 
-{ nvidia-smi -L; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$OUT/env.txt"
-t0=$(date +%s)
-if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; exit 1
-fi
-echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
-$PY -c "import torchutils_ext as t; print(t.backend_info())" | tee -a "$OUT/env.txt"
+stamp() {
+  echo "# commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} · $(date -u +%FT%TZ) ·" \
+    "$($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1) ·" \
+    "$(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi')"
+}
 
-$PY -m pytest tests/test_cuda.py -q -rs 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
-# faulthandler: a crash prints the Python stack. Session 1 saw a segfault under torch 2.11 on the H100 that
-# CPU runs of 2.11/2.13/2.14 do not show; on a crash, rerun file by file (verbose) to name the test.
-$PY -X faulthandler -m pytest tests/ -q -m "not slow" -p no:cacheprovider > "$OUT/all_tests_full.txt" 2>&1
-rc=$?
-tail -6 "$OUT/all_tests_full.txt" | tee "$OUT/all_tests.txt"
-if [ "$rc" -gt 1 ] || grep -q "Fatal Python error" "$OUT/all_tests_full.txt"; then
-  echo "test run ended with rc=$rc: per-file rerun" | tee -a "$OUT/all_tests.txt"
-  for f in tests/test_*.py; do
-    timeout 120 $PY -X faulthandler -m pytest "$f" -v -m "not slow" -p no:cacheprovider \
-      > "$OUT/crash_$(basename "$f" .py).txt" 2>&1
-    echo "$f rc=$?" | tee -a "$OUT/all_tests.txt"
-  done
-fi
-timeout 300 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider 2>&1 \
-  | tee "$OUT/bench.txt" | grep -E '^\||^#|passed|failed|error'
-cp benchmarks/results/cuda*.md benchmarks/results/cuda*.json "$OUT/" 2>/dev/null
+case "$PART" in
+quick)
+  LOG="$OUT/check.log"
+  rm -f "$OUT"/check.log "$OUT"/crash_*.log
+  stamp > "$LOG"
+  t0=$(date +%s)
+  if ! $PY -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
+    tail -40 "$LOG"; exit 1
+  fi
+  echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+  $PY -c "import torchutils_ext as t; print(t.backend_info())" 2>&1 | tee -a "$LOG"
+  echo "== tests/test_cuda.py" >> "$LOG"
+  $PY -X faulthandler -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider 2>&1 | tee -a "$LOG" | tail -5
+  echo "== the rest of the suite on this machine (not slow)" >> "$LOG"
+  $PY -X faulthandler -m pytest tests/ -q -m "not slow" -p no:cacheprovider >> "$LOG" 2>&1
+  rc=$?
+  tail -3 "$LOG"
+  if [ "$rc" -gt 1 ] || grep -q "Fatal Python error" "$LOG"; then  # a crash: name the file
+    for f in tests/test_*.py; do
+      { stamp; timeout 120 $PY -X faulthandler -m pytest "$f" -v -m "not slow" -p no:cacheprovider; } \
+        > "$OUT/crash_$(basename "$f" .py).log" 2>&1
+      echo "$f rc=$?" | tee -a "$LOG"
+    done
+  fi
+  if [ -f ../shared/tools/gpu_probe.py ]; then
+    echo "== gpu_probe" >> "$LOG"
+    timeout 240 $PY ../shared/tools/gpu_probe.py 2>&1 | tee -a "$LOG" | tail -25
+  fi
+  ;;
+bench)
+  LOG="$OUT/bench.log"
+  rm -f "$LOG" "$OUT"/cuda*.md "$OUT"/cuda*.json "$OUT"/cuda*.svg benchmarks/results/cuda*.md \
+    benchmarks/results/cuda*.json benchmarks/results/cuda*.svg
+  stamp > "$LOG"
+  timeout 420 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider >> "$LOG" 2>&1
+  echo "benchmark rc=$?" >> "$LOG"
+  grep -E '^\||^#|passed|failed|error|rc=' "$LOG" | tail -60
+  # only what this run wrote (deleted above); their headers carry the date, commit, torch, CUDA and GPU
+  cp benchmarks/results/cuda*.md benchmarks/results/cuda*.json benchmarks/results/cuda*.svg "$OUT/" 2>/dev/null
+  ;;
+*)
+  echo "usage: bash benchmarks/gpu_check.sh quick | bench [models]"; exit 2 ;;
+esac
 exit 0

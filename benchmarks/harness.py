@@ -114,10 +114,23 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _commit():
+    """The commit measured: $COMMIT (a copy without .git), else git's HEAD, else 'unknown'."""
+    import os
+    import subprocess
+    if os.environ.get('COMMIT'):
+        return os.environ['COMMIT']
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or 'unknown'
+    except Exception:
+        return 'unknown'
+
+
 def machine_info(device, threads):
     info = {'cpu': cpu_model(), 'cpu_count': __import__('os').cpu_count(), 'threads': threads,
             'torch': torch.__version__, 'python': platform.python_version(), 'device': str(device),
-            'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds')}
+            'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'), 'commit': _commit()}
     if torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(0)
         info['cuda'] = torch.version.cuda
