@@ -3,7 +3,7 @@
 Environment:
   TORCHUTILS_EXT_NO_EXT=1   install the pure-torch package only (no compiler needed)
   TORCHUTILS_EXT_CUDA=0|1   force the CUDA kernels off / on (on = fail loudly if they cannot be built)
-  TORCH_CUDA_ARCH_LIST      GPU archs to build for (default: the visible GPU's, else "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST      GPU archs to build for (default: the visible GPU's, else DEFAULT_ARCHS below)
   CUDA_HOME                 CUDA toolkit root (default: found from the real nvcc, or /usr/local/cuda)
 Always install with --no-build-isolation: the build must use the torch that will import the extension.
 """
@@ -16,6 +16,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EXT = os.environ.get('TORCHUTILS_EXT_NO_EXT', '0') == '1'
+DEFAULT_ARCHS = '7.5;8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX'
 
 
 def _find_cuda_home():
@@ -80,8 +81,9 @@ def _extensions():
         if torch.cuda.is_available():
             archs = sorted({'%d.%d' % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
             os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
-        else:  # no GPU visible: torch would crash guessing; build for A100 and H100 class GPUs
-            os.environ['TORCH_CUDA_ARCH_LIST'] = '8.0;9.0'
+        else:  # no GPU visible (torch would crash guessing): every data-centre and consumer arch nvcc 13 builds,
+            # from Turing to Blackwell, and PTX of the newest so that a later GPU can JIT-compile it
+            os.environ['TORCH_CUDA_ARCH_LIST'] = DEFAULT_ARCHS
     build_info['cuda_arch_list'] = os.environ['TORCH_CUDA_ARCH_LIST']
     # The cu13 torch wheels ship CUDA library headers (cuBLAS, ...) that some ATen CUDA headers include: search
     # them after the toolkit's own, whose cuda_runtime.h they must not shadow.

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import _reference
+from . import _cuda_arch, _reference
 from ._load import build_info, load_compiled
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
@@ -65,6 +65,7 @@ def _kernel_table():
 
 
 _KERNELS = _kernel_table()
+_BUILT_ARCHS = (build_info() or {}).get('cuda_arch_list')
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
@@ -76,8 +77,12 @@ def use_ext(op: str, device: torch.device | str) -> bool:
     if _backend == 'torch':
         return False
     ok = _has_kernel(op, device_type)
+    why = None
+    if ok and device_type == 'cuda' and not torch.compiler.is_compiling():
+        why = _cuda_arch.reason_not_served(torch.device(device), _BUILT_ARCHS)
+        ok = why is None
     if _backend == 'ext' and not ok:
-        why = _LOAD_ERROR or f'no {device_type} kernel was built'
+        why = why or _LOAD_ERROR or f'no {device_type} kernel was built'
         raise RuntimeError(f'TORCHUTILS_EXT_BACKEND=ext but the compiled {op} cannot serve {device_type}: {why}')
     return ok
 
