@@ -1,12 +1,14 @@
 """An SVG chart of a benchmark run: our speed-up over the seed and over the best peer, per op and model, for the
-compiled and the pure-torch paths. Hand-written SVG (no plotting dependency); a log scale with 1x marked."""
+compiled and the pure-torch paths (and the pure-torch path over its same-numerics peer, its target). Hand-written
+SVG (no plotting dependency); a log scale with 1x marked."""
 import math
 from xml.sax.saxutils import escape
 
 SERIES = [('compiled', 'vs_seed', 'compiled: x seed', '#1f4e99'),
           ('compiled', 'vs_best', 'compiled: x best peer', '#7fa6e0'),
           ('pure torch', 'vs_seed', 'pure torch: x seed', '#b35900'),
-          ('pure torch', 'vs_best', 'pure torch: x best peer', '#f0a860')]
+          ('pure torch', 'vs_best', 'pure torch: x best peer', '#f0a860'),
+          ('pure torch', 'vs_peer', 'pure torch: x same-numerics peer', '#7a9a3a')]
 BAR, GAP, LEFT, WIDTH = 9, 8, 170, 560  # px: bar height, gap between models, label column, plot width
 
 
@@ -20,7 +22,7 @@ def _ours(rows, bench, model, path):
 
 
 def svg(rows, titles, caption):
-    vals = [r.get(k) for r in rows if r['role'] == 'ours' for k in ('vs_seed', 'vs_best') if r.get(k)]
+    vals = [r.get(k) for r in rows if r['role'] == 'ours' for _, k, _, _ in SERIES if r.get(k)]
     if not vals:
         return None
     lo, hi = math.log10(min(0.5, min(vals))), math.log10(max(2.0, max(vals)) * 1.3)
@@ -55,9 +57,9 @@ def svg(rows, titles, caption):
     for _, _, name, colour in SERIES:
         legend.append(f'<rect x="{lx}" y="{y + 16}" width="10" height="10" fill="{colour}"/>'
                       f'<text x="{lx + 14}" y="{y + 25}" font-size="10">{escape(name)}</text>')
-        lx += 170
+        lx += 150 if len(name) < 24 else 200
     height = y + 40
-    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{LEFT + WIDTH + 60}" height="{height}" '
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(LEFT + WIDTH + 60, lx + 20)}" height="{height}" '
             'font-family="sans-serif" font-size="11">'
             f'<rect width="100%" height="100%" fill="white"/><text x="8" y="18">{escape(caption)}</text>')
     return head + ''.join(axis + out + legend) + '</svg>\n'
