@@ -44,8 +44,8 @@ MUTANTS = [
     ('fake kernel: no length check', 'torchutils_ext/_ops.py',
      "        if len(ema) != len(model):\n            raise ValueError(f'ema and model lists differ in length: "
      "{len(ema)} vs {len(model)}')", '        pass'),
-    ('overlap check never finds overlap', 'torchutils_ext/_validate.py', 'def _overlaps(spans):',
-     'def _overlaps(spans):\n    return False\n\n\ndef _unused_overlaps(spans):'),
+    ('overlap check never finds overlap', 'torchutils_ext/_validate.py', 'def _shared(writes, reads=()):',
+     'def _shared(writes, reads=()):\n    return False\n\n\ndef _unused_shared(writes, reads=()):'),
     ('slot check always says current', 'torchutils_ext/ema.py',
      '    def _same_slots(self) -> bool:', '    def _same_slots(self) -> bool:\n        return True\n\n    def _unused(self):'),
     ('sparsity divides by the parameter count, not the element count', 'torchutils_ext/sparsity.py',

@@ -278,3 +278,24 @@ def test_fuse_model_leaves_pairs_whose_wiring_it_cannot_know(backend, make, capl
         assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn
         assert torch.equal(model(x), want)
     assert 'left unfused' in caplog.text
+
+
+@pytest.mark.parametrize('op', ['ema', 'fold'])
+def test_interleaved_views_are_not_overlapping(backend, op):
+    """Two columns of one buffer: their byte spans intersect, their elements do not. Accepted, and written right;
+    a real overlap among strided views is still refused."""
+    base = torch.zeros(6, 2)
+    a, b = base[:, 0], base[:, 1]
+    if op == 'ema':
+        _ops.ema_update_([a, b], [torch.ones(6), torch.full((6,), 3.0)], 0.5)
+        assert torch.equal(base, torch.tensor([[0.5, 1.5]] * 6))
+        with pytest.raises(ValueError, match='overlap'):
+            _ops.ema_update_([base[:, 0], base[::2, 0]], [torch.ones(6), torch.ones(3)], 0.5)
+        with pytest.raises(ValueError, match='shares memory'):
+            _ops.ema_update_([a], [base[:, 0]], 0.5)  # the model tensor is the EMA tensor
+    else:
+        w = torch.ones(4, 2, 1, 1)  # two weights that are interleaved halves of one buffer
+        w0, w1 = w[:, 0:1], w[:, 1:2]
+        _ops.fold_conv_bn([w0, w1], [None, None], [None, None], [None, None], [torch.zeros(4)] * 2,
+                          [torch.full((4,), 4.0), torch.full((4,), 0.25)], [0.0, 0.0], [0, 0], inplace=True)
+        assert torch.equal(w[:, 0], torch.full((4, 1, 1), 0.5)) and torch.equal(w[:, 1], torch.full((4, 1, 1), 2.0))

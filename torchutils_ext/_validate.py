@@ -33,15 +33,60 @@ def _span(t):
     return start, start + extent * t.element_size()
 
 
-def _overlaps(spans):
-    spans = sorted(s for s in spans if s is not None)
-    return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+# Spans that intersect prove shared memory only for tensors that fill their span; strided views such as the two
+# interleaved columns of one buffer intersect without sharing an element, and are compared element by element
+# (up to EXACT_LIMIT elements; larger ones are refused as overlapping, the safe answer).
+EXACT_LIMIT = 1 << 22
 
 
-def _hits(sorted_spans, s):
-    """Does span s overlap any of sorted_spans (sorted, non-overlapping)? O(log n)."""
-    i = bisect.bisect_left(sorted_spans, (s[1],)) - 1  # last span starting before s ends
-    return i >= 0 and sorted_spans[i][1] > s[0]
+def _fills_span(t, span):
+    return (span[1] - span[0]) == t.numel() * t.element_size() and torch._debug_has_internal_overlap(t) == 0
+
+
+def _addresses(t):
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return t.data_ptr() + offsets.reshape(-1) * t.element_size()
+
+
+def _share_memory(a, sa, b, sb):
+    """Tensors a and b (spans sa, sb intersect): do they share an element?"""
+    if _fills_span(a, sa) and _fills_span(b, sb):
+        return True
+    if (a.element_size() != b.element_size() or (a.data_ptr() - b.data_ptr()) % a.element_size()
+            or max(a.numel(), b.numel()) > EXACT_LIMIT):
+        return True
+    return bool(torch.isin(_addresses(a), _addresses(b)).any())
+
+
+def _shared(writes, reads=()):
+    """True when two writes, or a write and a read, share memory. Sorted spans, then the exact test for the
+    few pairs whose spans intersect."""
+    ws = sorted((s, i) for i, s in enumerate(_span(t) for t in writes) if s is not None)
+    for k, (s, i) in enumerate(ws):
+        for kk in range(k + 1, len(ws)):
+            s2, j = ws[kk]
+            if s2[0] >= s[1]:
+                break
+            if _share_memory(writes[i], s, writes[j], s2):
+                return True
+    ends, top = [], 0
+    for s, _ in ws:
+        top = max(top, s[1])
+        ends.append(top)  # the furthest end among spans starting at or before this one
+    starts = [s[0] for s, _ in ws]
+    for r in reads:
+        sr = _span(r) if r is not None else None
+        if sr is None:
+            continue
+        k = bisect.bisect_left(starts, sr[1]) - 1  # the last write starting before r ends
+        while k >= 0 and ends[k] > sr[0]:
+            s, i = ws[k]
+            if s[1] > sr[0] and _share_memory(writes[i], s, r, sr):
+                return True
+            k -= 1
+    return False
 
 
 def check_ema_args(ema, model, decay, decay_tensor, mode):
@@ -76,13 +121,10 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
         raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
     if ema and ema[0].device.type != 'meta' and not torch.compiler.is_compiling():  # traced: no real memory
         check_self_overlap(ema, 'ema_update_')
-        es = sorted(s for s in (_span(e) for e in ema) if s is not None)
-        if _overlaps(es):
+        if _shared(ema):
             raise ValueError('ema tensors overlap in memory: each EMA tensor must own its storage')
-        for m in model:
-            s = _span(m)
-            if s is not None and _hits(es, s):
-                raise ValueError('an ema tensor shares memory with a model tensor')
+        if _shared(ema, model):
+            raise ValueError('an ema tensor shares memory with a model tensor')
 
 
 def check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
@@ -132,11 +174,7 @@ def check_fold_inplace(weight, *reads):
     if not weight or weight[0].device.type == 'meta':
         return
     check_self_overlap(weight, 'fold_conv_bn_')
-    ws = sorted(s for s in (_span(w) for w in weight) if s is not None)
-    if _overlaps(ws):
+    if _shared(weight):
         raise ValueError('fold_conv_bn_: two weights overlap in memory; each must own its storage')
-    for xs in reads:
-        for x in xs:
-            s = _span(x) if x is not None else None
-            if s is not None and _hits(ws, s):
-                raise ValueError('fold_conv_bn_: a weight shares memory with a bias or BatchNorm tensor')
+    if _shared(weight, [x for xs in reads for x in xs]):
+        raise ValueError('fold_conv_bn_: a weight shares memory with a bias or BatchNorm tensor')
