@@ -299,3 +299,46 @@ def test_interleaved_views_are_not_overlapping(backend, op):
         _ops.fold_conv_bn([w0, w1], [None, None], [None, None], [None, None], [torch.zeros(4)] * 2,
                           [torch.full((4,), 4.0), torch.full((4,), 0.25)], [0.0, 0.0], [0, 0], inplace=True)
         assert torch.equal(w[:, 0], torch.full((4, 1, 1), 0.5)) and torch.equal(w[:, 1], torch.full((4, 1, 1), 2.0))
+
+
+KERNEL_LESS_PAIRS = [(e, m) for e in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                     for m in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                     if (e, m) not in _ops.KERNEL_PAIRS]
+
+
+@pytest.mark.parametrize('edt,mdt', KERNEL_LESS_PAIRS, ids=lambda d: str(d).replace('torch.', ''))
+@pytest.mark.parametrize('path', ['torch', 'auto'])
+def test_every_float_pair_the_seed_takes(edt, mdt, path):
+    """A half/bf16/fp64 EMA of an fp32 model (the seed's own commented-out `self.ema.half()`), an fp32 EMA of an
+    fp64 model, ...: the seed's bits, on the pure-torch path (auto: the compiled ops hand these pairs over)."""
+    g = torch.Generator().manual_seed(5)
+    e0 = [torch.randn(300, generator=g).to(edt), torch.randn(7, 5, generator=g).to(edt)]
+    m = [torch.randn(300, generator=g).to(mdt), torch.randn(7, 5, generator=g).to(mdt)]
+    ref = [x.clone() for x in e0]
+    for v, w in zip(ref, m):
+        v *= 0.9993
+        v += (1 - 0.9993) * w
+    e = [x.clone() for x in e0]
+    with tx.use_backend(path):
+        _ops.ema_update_(e, m, 0.9993)
+    assert all(torch.equal(a, b) for a, b in zip(e, ref))
+    if _ops.COMPILED:
+        with tx.use_backend('ext'), pytest.raises(RuntimeError, match='no kernel for a'):
+            _ops.ema_update_([x.clone() for x in e0], m, 0.9993)
+
+
+def test_half_ema_of_an_fp32_model_continues_after_ema_half():
+    """The seed's `self.ema.half()  # FP16 EMA` option, switched on after some updates: ModelEMA follows."""
+    model = _net()
+    ours, seed = tx.ModelEMA(model, tau=2), SeedEMA(model, tau=2)
+    for step in range(4):
+        if step == 2:
+            ours.ema.half()
+            seed.ema.half()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        ours.update(model)
+        seed.update(model)
+    for (k, a), b in zip(ours.ema.state_dict().items(), seed.ema.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k

@@ -14,6 +14,7 @@ import torch
 
 from . import _cuda_arch, _reference
 from ._load import build_info, load_compiled
+from ._validate import EMA_DTYPES, KERNEL_PAIRS  # noqa: F401  (KERNEL_PAIRS: for the tests)
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
 BACKENDS = ('auto', 'ext', 'torch')
@@ -187,10 +188,14 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
     if plan is not None and not torch.compiler.is_compiling():
         # the per-step path: one CPython call; the plan's C++ side rechecks every tensor and calls the kernel
         # below autograd, so no grad mode is needed
-        if isinstance(decay, torch.Tensor):
-            return _C.ema_plan_update(plan, 0.0, decay)
-        if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-            return _C.ema_plan_update(plan, decay, None)
+        try:
+            if isinstance(decay, torch.Tensor):
+                return _C.ema_plan_update(plan, 0.0, decay)
+            if isinstance(decay, (int, float)) and not isinstance(decay, bool):
+                return _C.ema_plan_update(plan, decay, None)
+        except TypeError:  # the tensors' dtypes changed under the plan (ema.half()): nothing was written
+            cache.pop('ext_plan', None)
+            cache.pop('ext_key', None)
     decay_tensor = decay if isinstance(decay, torch.Tensor) else None
     d = 0.0 if decay_tensor is not None else decay
     if not isinstance(ema, (list, tuple)) or not isinstance(model, (list, tuple)):
@@ -198,7 +203,7 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
     if decay_tensor is None and (not isinstance(d, (int, float)) or isinstance(d, bool)):
         raise TypeError(f'decay must be a float or a 0-d tensor, got {type(d).__name__}')
     with torch.no_grad():
-        if len(ema) and use_ext('ema_update_', _device_of(ema)):  # an empty list has no device to dispatch on
+        if len(ema) and use_ext('ema_update_', _device_of(ema)) and _kernel_takes(ema, model):
             if cache is None or torch.compiler.is_compiling():  # compile traces the op, not a C++ object
                 with _argument_types('ema_update_'):
                     _lib.ema_update_(ema, model, d, decay_tensor, mode)
@@ -215,6 +220,19 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None =
             if batch is None or not batch.matches(ema, model):
                 batch = cache['torch_batch'] = _reference.EmaBatch(ema, model)
             _reference.ema_update_(ema, model, d, decay_tensor, mode, batch=batch, matched=True)
+
+
+def _kernel_takes(ema, model) -> bool:
+    """Whether every (ema, model) dtype pair has a compiled kernel; the other float pairs the seed's formula
+    takes run on the pure-torch path (TORCHUTILS_EXT_BACKEND=ext: a RuntimeError naming the pair)."""
+    for e, m in zip(ema, model):
+        pair = (getattr(e, 'dtype', None), getattr(m, 'dtype', None))
+        if pair not in KERNEL_PAIRS and all(dt in EMA_DTYPES for dt in pair):
+            if _backend == 'ext':
+                raise RuntimeError(f'TORCHUTILS_EXT_BACKEND=ext but the compiled ema_update_ has no kernel for a '
+                                   f'{pair[0]} EMA of a {pair[1]} model; the pure-torch path serves that pair')
+            return False
+    return True  # other dtypes: the kernel's own checks name the problem
 
 
 def count_zeros(tensors) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import check_ema_args, check_fold_args, check_fold_inplace
+from ._validate import KERNEL_PAIRS, check_ema_args, check_fold_args, check_fold_inplace
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -85,6 +85,7 @@ class _Group:
         self.device, self.edt, self.mdt, self.es, self.ms = device, edt, mdt, es, ms
         self.op = _opmath(edt)
         self.chunks = {}  # per mode: (chunks, packed), built at the first update that needs them
+        self.seed_math = (edt, mdt) not in KERNEL_PAIRS
 
     def _build_packed(self, pairs):
         """Flat views of the small tensors and two flat buffers, for the packed update."""
@@ -125,6 +126,8 @@ class _Group:
             self._apply(d, omd, mode)
 
     def _apply(self, d, omd, mode):
+        if self.seed_math:
+            return _seed_steps(self.es, self.ms, d, omd, mode)
         if isinstance(d, torch.Tensor):
             d, omd = d.to(device=self.device, dtype=self.op), omd.to(device=self.device, dtype=self.op)
         if self.edt != self.op:  # a half/bf16 EMA: math in fp32 copies, rounded once when written back
@@ -148,6 +151,22 @@ class _Group:
             for es, ms, scratch in chunks:
                 torch._foreach_copy_(scratch, ms)  # upcasts a half/bf16 model exactly
                 _combine(es, scratch, d, omd, mode, scratch_is_free=True)
+
+
+def _seed_steps(es, ms, d, omd, mode):
+    """The pairs without a kernel (a half/bf16/fp64 EMA of an fp32 model, an fp32 EMA of an fp64 model): the
+    seed's own three steps, so each rounds where the seed rounds: ``v *= d`` in the EMA's dtype, ``(1 - d) * m``
+    in the model's, the sum in the wider of the two, stored in the EMA's. Mode 'lerp' works in the wider dtype
+    and rounds once into the EMA. Tensor by tensor: a foreach op rounds a Python scalar to a half tensor's dtype
+    first, where the seed's ``v *= d`` multiplies by it in float32."""
+    if mode == 'yolov5':
+        for e, m in zip(es, ms):
+            e.mul_(d)
+            e.add_(m * omd)
+        return
+    for e, m in zip(es, ms):
+        wide = torch.promote_types(e.dtype, m.dtype)
+        e.copy_(torch.lerp(e.to(wide), m.to(wide), omd))
 
 
 def _combine(es, ms, d, omd, mode, scratch_is_free=False):

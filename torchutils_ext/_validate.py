@@ -10,6 +10,10 @@ import math
 import torch
 
 EMA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# (ema dtype, model dtype) pairs the compiled kernels take; the other float pairs run on the pure-torch path
+KERNEL_PAIRS = frozenset({(torch.float32, torch.float32), (torch.float32, torch.float16),
+                          (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
+                          (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)})
 MODES = ('yolov5', 'lerp')
 
 
@@ -109,9 +113,9 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
     for i, (e, m) in enumerate(zip(ema, model)):
         if e.dtype not in EMA_DTYPES:
             raise TypeError(f'ema[{i}] has dtype {e.dtype}; EMA tensors must be float32/float16/bfloat16/float64')
-        if not (m.dtype == e.dtype or (e.dtype == torch.float32 and m.dtype in (torch.float16, torch.bfloat16))):
-            raise TypeError(f'model[{i}] dtype {m.dtype} does not fit ema[{i}] dtype {e.dtype} '
-                            '(same dtype, or float32 EMA with a float16/bfloat16 model)')
+        if m.dtype not in EMA_DTYPES:  # any float pair the seed's formula takes; the kernels take KERNEL_PAIRS
+            raise TypeError(f'model[{i}] has dtype {m.dtype}; model tensors under an EMA must be '
+                            'float32/float16/bfloat16/float64')
         if e.shape != m.shape:
             raise ValueError(f'ema[{i}] shape {tuple(e.shape)} differs from model[{i}] shape {tuple(m.shape)}')
         if e.device != m.device or e.device != ema[0].device:
