@@ -131,8 +131,8 @@ def test_model_info_gflops_match_ultralytics(yaml, caplog):
 @pytest.mark.parametrize('name', TIMM_MODELS)
 def test_timm_fuse_model(name):
     model = _timm_model(name)
-    # resnet: the downsample Sequential(conv, bn) pairs; conv1/bn1 are separate attributes whose order only
-    # forward() knows, so they stay. efficientnet: BatchNormAct2d (BN + activation) is not folded.
+    # resnet: the downsample Sequential(conv, bn) pairs by the Sequential rule, conv1/bn1 and friends from the
+    # traced graph. efficientnet: BatchNormAct2d (BN + activation, a BN subclass) is not folded.
     n_pairs = sum(isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d)
                   and type(m[1]) is nn.BatchNorm2d for m in model.modules())
     if n_pairs == 0:

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ._ops import fold_conv_bn
 from ._walk import modules_once
+from .fuse_graph import graph_pairs
 
 _LOG = logging.getLogger('torchutils_ext')
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -156,26 +157,53 @@ def _hooked(*modules) -> bool:
         nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
-def _find_pairs(model):
-    """(parent, layer, bn, how) for the pairs whose wiring is known without tracing: YOLO blocks whose forward is
-    ``act(bn(conv(x)))`` and layer→BN neighbours in a plain ``nn.Sequential``; the layer and the BN run torch's
-    own forward, carry no hooks and are registered at one place only. Every other candidate is logged (debug)
-    with the reason it is left alone: folding a pair that forward() does not wire that way corrupts the model."""
+def _places(model):
+    """{id(module): how many parents register it}."""
     places = {}
     for m in modules_once(model):
         for child in m._modules.values():
             if child is not None:
                 places[id(child)] = places.get(id(child), 0) + 1
+    return places
+
+
+def _pair_problem(parent, layer, bn, places):
+    """Why a layer→BN pair whose wiring is known must still be left alone, or None."""
+    return (f'{type(layer).__name__} has its own forward()' if type(layer).forward not in _PLAIN_FORWARDS
+            else 'a hook runs on it' if _hooked(parent, layer, bn)
+            else 'the layer or the BatchNorm is registered at more than one place'
+            if places.get(id(layer), 0) > 1 or places.get(id(bn), 0) > 1 else None)
+
+
+def _graph_pairs(model, found):
+    """Pairs from the traced graph for the foldable BNs the attribute rules left unpaired (none: no tracing)."""
+    paired = {id(parent._modules[key]) if how == 'seq' else id(key) for parent, _, key, how in found}
+    left = [m for m in modules_once(model) if type(m) in _BN and id(m) not in paired
+            and _buffer(m, 'running_mean') is not None]
+    if not left:
+        return []
+    places = _places(model)
+
+    def layer_ok(parent, layer, bn):
+        if not _foldable(layer, bn):
+            return f'{type(layer).__name__} is not a foldable layer (a parametrized weight, or no bias slot)'
+        return _pair_problem(parent, layer, bn, places)
+    return [(parent, layer, attr, 'seq') for parent, layer, attr in graph_pairs(model, layer_ok, _BN, paired)]
+
+
+def _find_pairs(model):
+    """(parent, layer, bn, how) for the pairs whose wiring is known without tracing: YOLO blocks whose forward is
+    ``act(bn(conv(x)))`` and layer→BN neighbours in a plain ``nn.Sequential``; the layer and the BN run torch's
+    own forward, carry no hooks and are registered at one place only. Every other candidate is logged (debug)
+    with the reason it is left alone: folding a pair that forward() does not wire that way corrupts the model."""
+    places = _places(model)
     found, seen = [], set()
 
     def consider(parent, layer, bn, key, how, wiring_known):
         if not _foldable(layer, bn) or id(bn) in seen:
             return
         why = ('its forward() is not act(bn(conv(x))) or bn(conv(x))' if not wiring_known
-               else f'{type(layer).__name__} has its own forward()' if type(layer).forward not in _PLAIN_FORWARDS
-               else 'a hook runs on it' if _hooked(parent, layer, bn)
-               else 'the layer or the BatchNorm is registered at more than one place'
-               if places.get(id(layer), 0) > 1 or places.get(id(bn), 0) > 1 else None)
+               else _pair_problem(parent, layer, bn, places))
         if why:
             _LOG.debug('fuse_model: %s -> %s in %s left unfused: %s', type(layer).__name__, type(bn).__name__,
                        type(parent).__name__, why)
@@ -216,12 +244,15 @@ def fuse_model(model):
 
     YOLO blocks with ``.conv``/``.bn`` lose ``bn`` and switch ``forward`` to ``forward_fuse`` when they have
     one (the YOLOv5/Ultralytics convention; otherwise ``bn`` becomes ``nn.Identity``); a BN that follows a layer
-    in an ``nn.Sequential`` becomes ``nn.Identity``. Folding uses the BN running statistics (eval semantics).
+    in an ``nn.Sequential`` becomes ``nn.Identity``. When BNs are left over, the model is traced (torch.fx) and
+    the layer→BN edges of its graph are folded too, their BNs becoming ``nn.Identity`` (ResNet's conv1/bn1).
+    Folding uses the BN running statistics (eval semantics).
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError('fuse_model changes an nn.Module in place; a ScriptModule (torch.jit.script/trace) cannot '
                         'be changed that way: fuse the eager model first, then script it')
     found = _find_pairs(model)
+    found += _graph_pairs(model, found)
     uses = {}
     for _, layer, _, _ in found:
         uses[id(layer)] = uses.get(id(layer), 0) + 1
