@@ -175,15 +175,8 @@ def _pair_problem(parent, layer, bn, places):
             if places.get(id(layer), 0) > 1 or places.get(id(bn), 0) > 1 else None)
 
 
-def _graph_pairs(model, found):
-    """Pairs from the traced graph for the foldable BNs the attribute rules left unpaired (none: no tracing)."""
-    paired = {id(parent._modules[key]) if how == 'seq' else id(key) for parent, _, key, how in found}
-    left = [m for m in modules_once(model) if type(m) in _BN and id(m) not in paired
-            and _buffer(m, 'running_mean') is not None]
-    if not left:
-        return []
-    places = _places(model)
-
+def _graph_pairs(model, paired, places):
+    """Pairs from the traced graph, for the BNs the attribute rules left unpaired (``paired``: their ids)."""
     def layer_ok(parent, layer, bn):
         if not _foldable(layer, bn):
             return f'{type(layer).__name__} is not a foldable layer (a parametrized weight, or no bias slot)'
@@ -195,7 +188,8 @@ def _find_pairs(model):
     """(parent, layer, bn, how) for the pairs whose wiring is known without tracing: YOLO blocks whose forward is
     ``act(bn(conv(x)))`` and layer→BN neighbours in a plain ``nn.Sequential``; the layer and the BN run torch's
     own forward, carry no hooks and are registered at one place only. Every other candidate is logged (debug)
-    with the reason it is left alone: folding a pair that forward() does not wire that way corrupts the model."""
+    with the reason it is left alone: folding a pair that forward() does not wire that way corrupts the model.
+    BNs still unpaired then are looked for in the traced graph (``fuse_graph``)."""
     places = _places(model)
     found, seen = [], set()
 
@@ -211,7 +205,10 @@ def _find_pairs(model):
         seen.add(id(bn))
         found.append((parent, layer, key, how))
 
+    left = False  # an exact-type BN with running statistics that no rule paired: worth a trace
     for m in modules_once(model):
+        if type(m) in _BN and _buffer(m, 'running_mean') is not None and id(m) not in seen:
+            left = True  # (seen grows as pairs are found: checked again below)
         kids = m._modules  # dict lookups: getattr misses on ~all modules cost ~10 us each
         conv, bn = kids.get('conv'), kids.get('bn')
         if conv is not None and bn is not None:
@@ -220,6 +217,9 @@ def _find_pairs(model):
             items = list(kids.items())
             for (_, a), (name, b) in zip(items, items[1:]):
                 consider(m, a, b, name, 'seq', type(m).forward is nn.Sequential.forward)
+    if left and any(type(m) in _BN and _buffer(m, 'running_mean') is not None and id(m) not in seen
+                    for m in modules_once(model)):
+        found += _graph_pairs(model, seen, places)
     return found
 
 
@@ -252,7 +252,6 @@ def fuse_model(model):
         raise TypeError('fuse_model changes an nn.Module in place; a ScriptModule (torch.jit.script/trace) cannot '
                         'be changed that way: fuse the eager model first, then script it')
     found = _find_pairs(model)
-    found += _graph_pairs(model, found)
     uses = {}
     for _, layer, _, _ in found:
         uses[id(layer)] = uses.get(id(layer), 0) + 1
