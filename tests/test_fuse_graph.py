@@ -134,3 +134,14 @@ def test_torchvision_models_fold_every_bn_fx_fuse_folds(backend, name):
     assert _n_bn(model) <= peer_left
     rel = ((got.double() - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4, rel
+
+
+def test_report_names_what_was_folded_and_why_the_rest_was_not(backend):
+    torch.manual_seed(0)
+    model = _stats(nn.Sequential(ResBlock(4), TwoUsers(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    out, rep = tx.fuse_model(model, report=True)
+    assert out is model
+    assert sorted(rep['folded']) == [('0.conv1', '0.bn1'), ('0.conv2', '0.bn2'), ('2', '3')]
+    assert rep['skipped'] == [('1.c', '1.b', 'the layer output has other users')]
+    assert tx.fuse_model(_stats(Untraceable()), report=True)[1]['skipped'][0][:2] == (None, None)
+    assert tx.fuse_model(nn.ReLU(), report=True)[1] == {'folded': [], 'skipped': []}

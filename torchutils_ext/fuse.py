@@ -175,21 +175,22 @@ def _pair_problem(parent, layer, bn, places):
             if places.get(id(layer), 0) > 1 or places.get(id(bn), 0) > 1 else None)
 
 
-def _graph_pairs(model, paired, places):
+def _graph_pairs(model, paired, places, skips):
     """Pairs from the traced graph, for the BNs the attribute rules left unpaired (``paired``: their ids)."""
     def layer_ok(parent, layer, bn):
         if not _foldable(layer, bn):
             return f'{type(layer).__name__} is not a foldable layer (a parametrized weight, or no bias slot)'
         return _pair_problem(parent, layer, bn, places)
-    return [(parent, layer, attr, 'seq') for parent, layer, attr in graph_pairs(model, layer_ok, _BN, paired)]
+    return [(parent, layer, attr, 'seq') for parent, layer, attr in graph_pairs(model, layer_ok, _BN, paired, skips)]
 
 
-def _find_pairs(model):
+def _find_pairs(model, skips):
     """(parent, layer, bn, how) for the pairs whose wiring is known without tracing: YOLO blocks whose forward is
     ``act(bn(conv(x)))`` and layer→BN neighbours in a plain ``nn.Sequential``; the layer and the BN run torch's
     own forward, carry no hooks and are registered at one place only. Every other candidate is logged (debug)
     with the reason it is left alone: folding a pair that forward() does not wire that way corrupts the model.
-    BNs still unpaired then are looked for in the traced graph (``fuse_graph``)."""
+    BNs still unpaired then are looked for in the traced graph (``fuse_graph``). ``skips`` receives
+    (layer, bn, reason) for every candidate left alone."""
     places = _places(model)
     found, seen = [], set()
 
@@ -201,6 +202,7 @@ def _find_pairs(model):
         if why:
             _LOG.debug('fuse_model: %s -> %s in %s left unfused: %s', type(layer).__name__, type(bn).__name__,
                        type(parent).__name__, why)
+            skips.append((layer, bn, why))
             return
         seen.add(id(bn))
         found.append((parent, layer, key, how))
@@ -219,7 +221,7 @@ def _find_pairs(model):
                 consider(m, a, b, name, 'seq', type(m).forward is nn.Sequential.forward)
     if left and any(type(m) in _BN and _buffer(m, 'running_mean') is not None and id(m) not in seen
                     for m in modules_once(model)):
-        found += _graph_pairs(model, seen, places)
+        found += _graph_pairs(model, seen, places, skips)
     return found
 
 
@@ -239,19 +241,25 @@ def _set_bias(layer, b):
         layer.bias = p
 
 
-def fuse_model(model):
-    """Fold every Conv/Linear + BatchNorm pair of ``model`` in place with one batched call; returns ``model``.
+def fuse_model(model, *, report=False):
+    """Fold every Conv/Linear + BatchNorm pair of ``model`` in place with one batched call; returns ``model``
+    (``report=True``: ``(model, report)``, see below).
 
     YOLO blocks with ``.conv``/``.bn`` lose ``bn`` and switch ``forward`` to ``forward_fuse`` when they have
     one (the YOLOv5/Ultralytics convention; otherwise ``bn`` becomes ``nn.Identity``); a BN that follows a layer
     in an ``nn.Sequential`` becomes ``nn.Identity``. When BNs are left over, the model is traced (torch.fx) and
     the layer→BN edges of its graph are folded too, their BNs becoming ``nn.Identity`` (ResNet's conv1/bn1).
     Folding uses the BN running statistics (eval semantics).
+
+    ``report``: ``{'folded': [(layer name, bn name)], 'skipped': [(layer name or None, bn name or None, reason)]}``
+    with the names of ``model.named_modules()`` before fusing; every candidate pair left alone is there with the
+    reason (its wiring is unknown, a hook, a shared layer, a BN in training mode, an untraceable model, ...).
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError('fuse_model changes an nn.Module in place; a ScriptModule (torch.jit.script/trace) cannot '
                         'be changed that way: fuse the eager model first, then script it')
-    found = _find_pairs(model)
+    skips = []
+    found = _find_pairs(model, skips)
     uses = {}
     for _, layer, _, _ in found:
         uses[id(layer)] = uses.get(id(layer), 0) + 1
@@ -259,12 +267,29 @@ def fuse_model(model):
         if uses[id(layer)] > 1:  # one weight cannot hold two BNs: folding either would corrupt the other's path
             _LOG.debug('fuse_model: %s is followed by %d BatchNorms; left unfused', type(layer).__name__,
                        uses[id(layer)])
+            skips.append((layer, bn if how == 'block' else parent._modules[bn],
+                          f'the layer is followed by {uses[id(layer)]} BatchNorms'))
     found = [f for f in found if uses[id(f[1])] == 1]
     pairs = [(layer, bn if how == 'block' else parent._modules[bn]) for parent, layer, bn, how in found]
     for layer, bn in pairs:
         _check_pair(layer, bn)
-    if not pairs:
-        return model
+    summary = _report(model, pairs, skips) if report else None  # names before the BNs are replaced
+    if pairs:
+        _fold_pairs(found, pairs)
+    return (model, summary) if report else model
+
+
+def _report(model, pairs, skips):
+    names = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), name)
+    name = lambda m: None if m is None else names.get(id(m))  # noqa: E731
+    return {'folded': [(name(layer), name(bn)) for layer, bn in pairs],
+            'skipped': [(name(layer), name(bn), why) for layer, bn, why in skips]}
+
+
+def _fold_pairs(found, pairs):
+    """One batched in-place fold, then each BN leaves its parent (forward_fuse, or nn.Identity in its place)."""
     _, biases = fold_conv_bn(*_fold_args(pairs), inplace=True)
     for (parent, layer, bn, how), b in zip(found, biases):
         bias = _param(layer, 'bias')
@@ -283,4 +308,3 @@ def fuse_model(model):
                 parent.forward = parent.forward_fuse
         else:
             parent.bn = nn.Identity()
-    return model

@@ -15,17 +15,21 @@ import torch.nn as nn
 _LOG = logging.getLogger('torchutils_ext')
 
 
-def graph_pairs(model: nn.Module, layer_ok, bn_types, skip_bns=frozenset()):
+def graph_pairs(model: nn.Module, layer_ok, bn_types, skip_bns=frozenset(), skips=None):
     """[(parent, layer, bn's name in parent)]; [] when the model cannot be traced (a debug line says why).
 
     ``layer_ok(parent, layer, bn)`` returns None when the pair may be folded, else the reason it may not (the
     rules the attribute pairs follow: plain forward, no hooks, one registration). BNs in ``skip_bns`` (ids) are
-    already paired by the attribute rules."""
+    already paired by the attribute rules. ``skips`` (a list) receives (layer or None, bn or None, reason) for each
+    BN left alone."""
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as e:  # data-dependent control flow, untraceable ops: the attribute rules still apply
-        _LOG.debug('fuse_model: %s cannot be traced by torch.fx (%s: %s); only .conv/.bn blocks and Sequential '
-                   'neighbours are folded', type(model).__name__, type(e).__name__, str(e).splitlines()[0][:200])
+        why = f'{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: ' \
+              f'{(str(e).splitlines() or [""])[0][:200]})'
+        _LOG.debug('fuse_model: %s; only .conv/.bn blocks and Sequential neighbours are folded', why)
+        if skips is not None:
+            skips.append((None, None, why))
         return []
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = {}
@@ -49,6 +53,8 @@ def graph_pairs(model: nn.Module, layer_ok, bn_types, skip_bns=frozenset()):
                else layer_ok(parent, layer, bn))
         if why:
             _LOG.debug('fuse_model: BatchNorm %s left unfused: %s', node.target, why)
+            if skips is not None:
+                skips.append((layer, bn, why))
             continue
         found.append((parent, layer, attr))
     return found
