@@ -15,18 +15,26 @@ def _net():
     return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1))
 
 
+def _train_and_update(model, *emas):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    for e in emas:
+        e.update(model)
+
+
+def _assert_same_state(a, b):
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert x.dtype == y.dtype and torch.equal(x, y), k
+
+
 @pytest.mark.parametrize('decay', [np.float32(0.999), np.float64(0.999)])
 def test_numpy_decay(backend, decay):
     model = _net()
     ours, seed = tx.ModelEMA(model, decay=decay, tau=2), SeedEMA(model, decay=float(decay), tau=2)
     for _ in range(3):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1)
-        ours.update(model)
-        seed.update(model)
-    for (k, a), b in zip(ours.ema.state_dict().items(), seed.ema.state_dict().values()):
-        assert torch.equal(a, b), k  # the decay read as the float it holds
+        _train_and_update(model, ours, seed)
+    _assert_same_state(ours.ema, seed.ema)  # the decay read as the float it holds
     e, m = [torch.ones(3)], [torch.zeros(3)]
     _ops.ema_update_(e, m, np.float32(0.5))  # the op wrapper takes a numpy scalar too
     assert torch.equal(e[0], torch.full((3,), 0.5))
@@ -335,10 +343,5 @@ def test_half_ema_of_an_fp32_model_continues_after_ema_half():
         if step == 2:
             ours.ema.half()
             seed.ema.half()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1)
-        ours.update(model)
-        seed.update(model)
-    for (k, a), b in zip(ours.ema.state_dict().items(), seed.ema.state_dict().values()):
-        assert a.dtype == b.dtype and torch.equal(a, b), k
+        _train_and_update(model, ours, seed)
+    _assert_same_state(ours.ema, seed.ema)
