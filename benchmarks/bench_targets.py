@@ -42,7 +42,7 @@ def targets_for(bench, model, device, impl):
     if not impl.startswith('ours') or (bench == 'fuse' and 'fuse_model' not in impl):
         return []
     if 'pure torch' in impl:
-        return _PURE
+        return _PURE if bench in SAME_NUMERICS else []
     table = _CUDA if device == 'cuda' else _CPU
     return table.get((bench, model), table.get((bench, '*'), []))
 
