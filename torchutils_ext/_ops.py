@@ -14,7 +14,7 @@ import torch
 
 from . import _cuda_arch, _reference
 from ._load import build_info, load_compiled
-from ._validate import EMA_DTYPES, KERNEL_PAIRS  # noqa: F401  (KERNEL_PAIRS: for the tests)
+from ._validate import EMA_DTYPES, KERNEL_PAIRS
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
 BACKENDS = ('auto', 'ext', 'torch')

@@ -260,16 +260,7 @@ def fuse_model(model, *, report=False):
                         'be changed that way: fuse the eager model first, then script it')
     skips = []
     found = _find_pairs(model, skips)
-    uses = {}
-    for _, layer, _, _ in found:
-        uses[id(layer)] = uses.get(id(layer), 0) + 1
-    for parent, layer, bn, how in found:
-        if uses[id(layer)] > 1:  # one weight cannot hold two BNs: folding either would corrupt the other's path
-            _LOG.debug('fuse_model: %s is followed by %d BatchNorms; left unfused', type(layer).__name__,
-                       uses[id(layer)])
-            skips.append((layer, bn if how == 'block' else parent._modules[bn],
-                          f'the layer is followed by {uses[id(layer)]} BatchNorms'))
-    found = [f for f in found if uses[id(f[1])] == 1]
+    # (a layer followed by two BNs is registered at two places, or called twice in the graph: never found)
     pairs = [(layer, bn if how == 'block' else parent._modules[bn]) for parent, layer, bn, how in found]
     for layer, bn in pairs:
         _check_pair(layer, bn)
