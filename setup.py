@@ -66,7 +66,7 @@ def _extensions():
     # bit-exact (no FMA); -g0 halves compile time.
     cxx = ['-O3', '-g0', '-ffp-contract=off', '-fno-math-errno']
     srcs = (_sources('csrc/ops.cpp') + _sources('csrc/common/*.cpp') + _sources('csrc/cpu/*.cpp') +
-            _sources('csrc/python/*.cpp'))
+            _sources('csrc/ema_update/*.cpp') + _sources('csrc/python/*.cpp'))
     include_dirs = [os.path.join(ROOT, 'csrc')]
     build_info = {'ext': True, 'cuda': use_cuda, 'torch_built_with': torch.__version__, 'cuda_version': torch.version.cuda
                   if use_cuda else None, 'cuda_arch_list': None}

@@ -2,6 +2,9 @@
 import math
 
 import torch
+from model_checks import flatten_outputs, rel_err  # tests/, shared with the tests
+
+__all__ = ['ema_decay_product', 'ema_err', 'fused_reference', 'flatten_outputs', 'rel_err']
 
 
 def ema_decay_product(updates0, n, decay=0.9999, tau=2000):
@@ -35,19 +38,3 @@ def fused_reference(block):
     w = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
     b = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
     return w, (b - bn.running_mean.double()) * scale + bn.bias.double()
-
-
-def rel_err(got, ref):
-    """max |got - ref| / max |ref| (scale-free: conv weights and outputs span decades)."""
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def flatten_outputs(y):
-    """Every tensor in a model's output (tensors, lists, tuples, dicts; anything else, e.g. a string, ignored)."""
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, dict):
-        y = list(y.values())
-    if isinstance(y, (list, tuple)):
-        return [t for x in y for t in flatten_outputs(x)]
-    return []

@@ -13,7 +13,9 @@ import tempfile
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # our helper modules, without a package
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # our helper modules, without a package
+sys.path.insert(1, os.path.join(os.path.dirname(_HERE), 'tests'))  # the builders and seed oracle tests share
 
 import harness  # noqa: E402
 from bench_report import Report  # noqa: E402

@@ -8,37 +8,13 @@
 Every EMA class here takes (model, decay, tau, updates) and uses the seed's decay ramp, so all of them
 walk the same decay sequence and their states can be checked against one float64 reference.
 """
-import math
-from copy import deepcopy
 
 import torch
 import torch.nn as nn
 
 
-def seed_decay(updates, decay=0.9999, tau=2000):
-    return decay * (1 - math.exp(-updates / tau))
-
-
-# ----------------------------------------------------------------------------------------------- EMA
-class SeedModelEMA:
-    """The seed's ModelEMA.update: state_dict() of both models every call, `v *= d; v += (1 - d) * m`."""
-
-    def __init__(self, model, decay=0.9999, tau=2000, updates=0):
-        self.ema = deepcopy(model).eval()
-        self.updates = updates
-        self.decay = lambda x: decay * (1 - math.exp(-x / tau))
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
-
-    def update(self, model):
-        with torch.no_grad():
-            self.updates += 1
-            d = self.decay(self.updates)
-            msd = model.state_dict()
-            for k, v in self.ema.state_dict().items():
-                if v.dtype.is_floating_point:
-                    v *= d
-                    v += (1 - d) * msd[k].detach()
+# The seed's ModelEMA and decay ramp are the tests' oracle (tests/seed_oracle.py): one text for both.
+from seed_oracle import SeedModelEMA, seed_decay  # noqa: E402,F401
 
 
 class TimmStyleEMA(SeedModelEMA):

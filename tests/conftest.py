@@ -1,14 +1,8 @@
-import os
-import sys
-
 import pytest
 import torch
 
 import torchutils_ext
 from torchutils_ext import _ops
-
-# The YOLOv5-shaped model builder lives with the benchmarks; tests build the same nets.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 
 torch.set_num_threads(1)  # this 2-vCPU machine stalls under 2 busy threads
 
@@ -53,19 +47,3 @@ def snapshot(tensors):
 def assert_untouched(before, after):
     for b, a in zip(before, after):
         assert torch.equal(b, a.detach()), 'a tensor was modified by a call that raised'
-
-
-class HandlePlan:
-    """The CPython front end of EmaPlan (_C.ema_plan_*), ModelEMA's per-step path, shaped like the torchbind one."""
-
-    def __init__(self, ema, model, formula):
-        self.h = _ops._C.ema_plan_new(ema, model, formula)
-
-    def update(self, decay, decay_tensor):
-        _ops._C.ema_plan_update(self.h, decay, decay_tensor)
-
-    def revalidations(self):
-        return _ops._C.ema_plan_revalidations(self.h)
-
-
-PLAN_FRONTS = {'torchbind': lambda *a: torch.classes.torchutils_ext.EmaPlan(*a), 'cpython': HandlePlan}

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 import torchutils_ext as tx
 from torchutils_ext import _ops
-from conftest import PLAN_FRONTS
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU'),
@@ -110,26 +109,29 @@ def test_model_ema_update_is_one_launch():
     assert 'ema_kernel' in next(iter(names))
 
 
-@pytest.mark.parametrize('front', sorted(PLAN_FRONTS))
-def test_ema_plan_on_cuda_matches_cpu_and_captures(front):
-    """ModelEMA's path on CUDA (the C++ EmaPlan, through torch.classes and through the CPython functions
-    ModelEMA calls): same bits as the CPU kernel; decay as a device tensor inside a captured graph (the CPython
-    call releases the GIL around the launch); a .data swap to bf16 is revalidated."""
-    ema, model = make(SHAPES, torch.float32, 9), make(SHAPES, torch.float32, 10)
+def test_ema_plan_on_cuda_matches_cpu_and_captures():
+    """ModelEMA's plan on CUDA (one C++ call per step): same bits as the CPU kernel; decay as a device tensor
+    inside a captured graph (the call releases the GIL around the launch); a .data swap to bf16 makes the plan
+    stale, and the rebuilt one follows."""
+    import torch.nn as nn
+
+    from torchutils_ext import _ema_plan
+    hold = lambda ts: nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in ts])  # noqa: E731
+    ema, model = hold(make(SHAPES, torch.float32, 9)), hold(make(SHAPES, torch.float32, 10))
     cpu_e, cpu_m = [t.cpu() for t in ema], [t.cpu() for t in model]
-    plan = PLAN_FRONTS[front](ema, model, 'yolov5')
-    plan.update(0.75, None)
+    plan = _ema_plan.make_plan(ema, model, 'yolov5')
+    assert type(plan).__name__ == 'CompiledPlan' and plan.step(ema, model, 0.75)
     torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.75, None, 'yolov5')
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
     decay = torch.tensor(0.5, device='cuda')
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        plan.update(0.0, decay)
+        assert plan.step(ema, model, decay)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        plan.update(0.0, decay)
+        plan.step(ema, model, decay)
     decay.fill_(0.25)
     graph.replay()
     torch.cuda.synchronize()
@@ -137,10 +139,12 @@ def test_ema_plan_on_cuda_matches_cpu_and_captures(front):
         torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, d, None, 'yolov5')
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
     model[1].data = model[1].data.bfloat16()
-    plan.update(0.5, None)
+    assert not plan.step(ema, model, 0.5)
+    plan = _ema_plan.make_plan(ema, model, 'yolov5')
+    assert plan.step(ema, model, 0.5)
     cpu_m[1] = model[1].cpu()
     torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.5, None, 'yolov5')
-    assert plan.revalidations() == 1 and all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
 
 
 def test_count_zeros_matches_cpu():

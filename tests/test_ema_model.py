@@ -219,20 +219,19 @@ def test_torch_compile_training_step_matches_eager(backend):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6, msg=k)
 
 
-def test_pure_torch_path_revalidates_when_tensors_change():
-    """The pure-torch path validates once per plan; a cast of the model must still be seen and handled."""
+def test_plan_is_rebuilt_when_tensors_change(backend):
+    """Each plan validates once; a cast of the model (same Parameter objects, new storage) makes it stale."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     ema = tx.ModelEMA(model, decay=0.5, tau=1e-9)  # decay ~0.5 from the first update
-    with tx.use_backend('torch'):
-        ema.update(model)
-        batch = ema._plan.caches[0]['torch_batch']
-        ema.update(model)
-        assert ema._plan.caches[0]['torch_batch'] is batch  # validated once, reused
-        model.to(torch.bfloat16)  # same Parameter objects, new bf16 storage
-        before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
-        ema.update(model)
-        assert ema._plan.caches[0]['torch_batch'] is not batch
+    ema.update(model)
+    plan = ema._plan
+    ema.update(model)
+    assert ema._plan is plan  # validated once, reused
+    model.to(torch.bfloat16)  # same Parameter objects, new bf16 storage
+    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    ema.update(model)
+    assert ema._plan is not plan
     w = model[0].weight.detach()
     ref = before['0.weight'] * 0.5 + 0.5 * w.float()
     torch.testing.assert_close(ema.ema[0].weight, ref, rtol=1e-6, atol=1e-7)
@@ -256,26 +255,26 @@ def test_replaced_submodule_is_tracked():
 
 
 @pytest.mark.parametrize('impl', ['c', 'python'])
-def test_slot_check_sees_replaced_and_removed_slots(monkeypatch, impl):
-    """The per-step slot check (a C loop when compiled, Python otherwise): a replaced buffer or a removed
-    parameter makes the plan stale, and the rebuilt plan follows the model again."""
-    from torchutils_ext import ema as ema_mod
+def test_slot_check_sees_replaced_and_removed_slots(backend, monkeypatch, impl):
+    """The per-step slot check (a C loop when compiled, Python otherwise; the compiled plan's step runs the same
+    C loop): a replaced buffer or a removed parameter makes the plan stale, and the rebuilt plan follows."""
+    from torchutils_ext import _ema_plan
     if impl == 'python':
-        monkeypatch.setattr(ema_mod, '_SAME_ITEMS', None)
-    elif ema_mod._SAME_ITEMS is None:
+        monkeypatch.setattr(_ema_plan, '_SLOTS_UNCHANGED', None)
+    elif _ema_plan._SLOTS_UNCHANGED is None:
         pytest.skip('compiled extension not built')
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     ema = tx.ModelEMA(model)
     ema.update(model)
     plan = ema._plan
-    assert plan.current(ema.ema, model)
+    assert plan.layout.current(ema.ema, model)
     model[1].running_mean = torch.zeros(4)  # a new buffer tensor in the same slot
-    assert not plan.current(ema.ema, model)
+    assert not plan.layout.current(ema.ema, model) and not plan.step(ema.ema, model, 0.5)
     ema.update(model)
-    assert ema._plan is not plan and ema._plan.current(ema.ema, model)
+    assert ema._plan is not plan and ema._plan.layout.current(ema.ema, model)
     plan = ema._plan
     del model[0]._parameters['bias']  # a removed slot: stale, and the rebuild names the mismatch
-    assert not plan.current(ema.ema, model)
+    assert not plan.layout.current(ema.ema, model) and not plan.step(ema.ema, model, 0.5)
     with pytest.raises(ValueError, match='structure'):
         ema.update(model)
 

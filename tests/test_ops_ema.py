@@ -3,9 +3,11 @@ import math
 
 import pytest
 import torch
-from conftest import PLAN_FRONTS, assert_untouched, snapshot
+import torch.nn as nn
+from conftest import assert_untouched, snapshot
 
-from torchutils_ext import _ops, _reference
+import torchutils_ext as tx
+from torchutils_ext import _ema_plan, _ops, _reference
 
 LOW = [torch.float16, torch.bfloat16]
 
@@ -193,62 +195,67 @@ def test_fullgraph_compile_has_no_graph_break():
     assert all(torch.equal(a, b) for a, b in zip(ref, e))
 
 
-@pytest.mark.skipif(not _ops.COMPILED, reason='EmaPlan is part of the compiled extension')
-@pytest.mark.parametrize('front', sorted(PLAN_FRONTS))
-def test_ema_plan_matches_op_and_rechecks_its_tensors(front):
-    """EmaPlan through torch.classes and through the CPython functions ModelEMA calls: same bits as the op; a
-    tensor swapped under it (.data =) is revalidated, and an unfit swap raises before anything is written."""
-    ema, model = make(SHAPES, seed=21), make(SHAPES, seed=22)
-    ref = snapshot(ema)
-    plan = PLAN_FRONTS[front](ema, model, 'yolov5')
-    v0 = ema[0]._version
-    for d in (0.5, 0.9, 0.99):
-        plan.update(d, None)
-        _ops._lib.ema_update_(ref, model, d, None, 'yolov5')
-    assert all(torch.equal(a, b) for a, b in zip(ema, ref)) and plan.revalidations() == 0
-    assert ema[0]._version > v0  # bumped like any in-place op
-    plan.update(0.0, torch.tensor(0.75, dtype=torch.float64))
-    _ops._lib.ema_update_(ref, model, 0.0, torch.tensor(0.75, dtype=torch.float64), 'yolov5')
-    assert all(torch.equal(a, b) for a, b in zip(ema, ref))
+def _holder(tensors):
+    """A module whose state is these tensors (parameters that need no grad), for ModelEMA and its plan."""
+    return nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in tensors])
 
-    model[2].data = model[2].data.bfloat16()  # same tensor object, new dtype and memory
-    plan.update(0.7, None)
-    _ops._lib.ema_update_(ref, model, 0.7, None, 'yolov5')
-    assert all(torch.equal(a, b) for a, b in zip(ema, ref)) and plan.revalidations() == 1
 
-    before_e, before_m = snapshot(ema), snapshot(model)
-    ema[1].data = model[1].data  # now aliases a model tensor
+def test_plan_matches_the_op_and_follows_swapped_tensors(backend):
+    """ModelEMA's plan (one C++ call per step on the compiled backend, the validated pure-torch update on the
+    other): same bits as the stateless op; a tensor swapped under it (.data =) makes it stale and the rebuilt
+    plan follows; an unfit swap or a bad decay raises before anything is written."""
+    model = _holder(make(SHAPES, seed=22))
+    ema = tx.ModelEMA(model, tau=3)
+    ema.ema.load_state_dict(_holder(make(SHAPES, seed=21)).state_dict())
+    ref = snapshot(ema.ema.parameters())
+    v0 = ema.ema[0]._version
+    for step in range(3):
+        ema.update(model)
+        _ops.ema_update_(ref, list(model), ema.decay(ema.updates))
+    plan = ema._plan
+    assert type(plan).__name__ == ('CompiledPlan' if backend == 'ext' else 'TorchPlan')
+    assert all(torch.equal(a, b) for a, b in zip(ema.ema.parameters(), ref))
+    assert ema.ema[0]._version > v0  # bumped like any in-place op
+
+    model[2].data = model[2].data.bfloat16()  # same Parameter object, new dtype and memory
+    ema.update(model)
+    _ops.ema_update_(ref, list(model), ema.decay(ema.updates))
+    assert ema._plan is not plan and all(torch.equal(a, b) for a, b in zip(ema.ema.parameters(), ref))
+
+    before_e, before_m = snapshot(ema.ema.parameters()), snapshot(model.parameters())
+    keep = ema.ema[1].data
+    ema.ema[1].data = model[1].data  # now aliases a model tensor
     with pytest.raises(ValueError, match='shares memory'):
-        plan.update(0.5, None)
-    assert_untouched(before_m, model)
-    assert_untouched([t for i, t in enumerate(before_e) if i != 1], [t for i, t in enumerate(ema) if i != 1])
-    ema[1].data = before_e[1].clone()
-    for bad, exc in ((1.5, ValueError), (float('nan'), ValueError)):
+        ema.update(model)
+    assert_untouched(before_m, list(model.parameters()))
+    ema.ema[1].data = keep
+    assert_untouched(before_e, list(ema.ema.parameters()))
+    for bad, exc in ((1.5, ValueError), (float('nan'), ValueError), ('0.5', TypeError),
+                     (torch.tensor([0.5, 0.5]), TypeError)):
+        ema.decay = lambda x, bad=bad: bad
         with pytest.raises(exc):
-            plan.update(bad, None)
-    with pytest.raises(TypeError):
-        plan.update(0.5, torch.tensor([0.5, 0.5]))
-    assert_untouched(before_e, ema)
+            ema.update(model)
+    assert_untouched(before_e, list(ema.ema.parameters()))
+    assert ema.updates == 4
 
 
-@pytest.mark.skipif(not _ops.COMPILED, reason='EmaPlan is part of the compiled extension')
-def test_ema_plan_cpython_functions_reject_bad_input():
-    ema, model = make(SHAPES, seed=23), make(SHAPES, seed=24)
-    before = snapshot(ema)
-    C = _ops._C
-    with pytest.raises(TypeError, match=r'model\[1\] is a NoneType'):
-        C.ema_plan_new(ema, [model[0], None] + model[2:], 'yolov5')
-    with pytest.raises(ValueError):
-        C.ema_plan_new(ema, model[:-1], 'yolov5')
-    with pytest.raises(TypeError):
-        C.ema_plan_new(tuple(ema), model, 'yolov5')
-    h = C.ema_plan_new(ema, model, 'yolov5')
-    for args in ((object(), 0.5, None), (h, 'x', None), (h, 0.5, 'x'), (h, 0.5)):
+@pytest.mark.skipif(not _ops.COMPILED, reason='the plan crossing is part of the compiled extension')
+def test_plan_crossing_rejects_bad_input():
+    model = _holder(make(SHAPES, seed=24))
+    ema = _holder(make(SHAPES, seed=23))
+    before = snapshot(ema.parameters())
+    C, layout = _ops._C, _ema_plan.Layout(ema, model)
+    args = [ema, model, layout.dicts, layout.keys, layout.values, [(list(ema), list(model))], 'yolov5']
+    for k, bad in ((5, [(list(ema), [model[0], None])]), (5, [list(ema)]), (6, 'fast'), (2, tuple(layout.dicts))):
+        with pytest.raises((TypeError, ValueError)):
+            C.ema_plan_new(*args[:k], bad, *args[k + 1:])
+    h = C.ema_plan_new(*args)
+    for call in ((object(), ema, model, 0.5), (h, ema, model, 'x'), (h, ema, model, True), (h, ema, model)):
         with pytest.raises(TypeError):
-            C.ema_plan_update(*args)
-    with pytest.raises(TypeError):
-        C.ema_plan_revalidations(None)
-    assert_untouched(before, ema)
+            C.ema_plan_step(*call)
+    assert C.ema_plan_step(h, model, ema, 0.5) is False  # other modules: stale, nothing written
+    assert_untouched(before, list(ema.parameters()))
+    assert C.ema_plan_step(h, ema, model, 0.5) is True
 
 
 @pytest.mark.parametrize('case', ['length', 'shape'])

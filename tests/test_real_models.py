@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from bench_checks import flatten_outputs, rel_err
+from model_checks import flatten_outputs, rel_err
 from client_packages import need as _need
 
 import torchutils_ext as tx

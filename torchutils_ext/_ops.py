@@ -14,7 +14,7 @@ import torch
 
 from . import _cuda_arch, _reference
 from ._load import build_info, load_compiled
-from ._validate import EMA_DTYPES, KERNEL_PAIRS
+from ._validate import EMA_DTYPES, KERNEL_PAIRS, tensor_list
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
 BACKENDS = ('auto', 'ext', 'torch')
@@ -150,83 +150,32 @@ def _fold_bias_fake(weight, transposed_groups):
     return [w.new_empty(w.shape[1] * g if g else w.shape[0]) for w, g in zip(weight, transposed_groups)]
 
 
-@contextlib.contextmanager
-def _argument_types(op):
-    """The dispatcher's argument conversion fails with RuntimeError before any kernel runs; a wrong type is a
-    TypeError here, as the pure-torch path raises (e.g. None or a numpy array inside a tensor list)."""
-    try:
-        yield
-    except RuntimeError as e:
-        if 'Expected a value of type' in str(e):
-            raise TypeError(f'{op}: ' + str(e).split('\n')[0].split(') ', 1)[-1]) from e
-        raise
-
-
 def _device_of(tensors, default='cpu'):
-    # not a tensor: the pure-torch path's validation names the problem
-    return tensors[0].device if len(tensors) and isinstance(tensors[0], torch.Tensor) else torch.device(default)
+    return tensors[0].device if len(tensors) else torch.device(default)
 
 
-def _cached_plan(cache, ema, model, mode):
-    """The cache's EmaPlan handle when it was built for these very lists, this mode and this backend, else None."""
-    key = cache.get('ext_key')
-    if key is not None and key[0] is ema and key[1] is model and key[2] == mode and key[3] == _backend:
-        return cache['ext_plan']
-    return None
-
-
-def ema_update_(ema, model, decay, mode: str = 'yolov5', *, cache: dict | None = None) -> None:
-    """In-place EMA over matching tensor lists; ``decay`` is a float or a 0-d tensor (no host sync).
-
-    ``cache``: a dict the caller keeps beside these very list objects, whose contents it does not change
-    (ModelEMA does). The compiled path keeps a validated-once EmaPlan there (one C++ call per update, with a
-    C++ recheck of every tensor's pointer/dtype/shape); the pure-torch path keeps its validated batch.
-    """
+def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
+    """In-place EMA over matching tensor lists: ``ema[i] = d * ema[i] + (1 - d) * model[i]``. ``decay`` is a
+    float or a 0-d tensor (read on the device: no host sync). Stateless; ModelEMA's per-step path is its plan."""
     if isinstance(decay, numbers.Real) and not isinstance(decay, (int, float, bool)):
         decay = float(decay)  # a numpy scalar (np.float32(0.9999)), as the seed's arithmetic accepts
-    plan = _cached_plan(cache, ema, model, mode) if cache is not None else None
-    if plan is not None and not torch.compiler.is_compiling():
-        # the per-step path: one CPython call; the plan's C++ side rechecks every tensor and calls the kernel
-        # below autograd, so no grad mode is needed
-        try:
-            if isinstance(decay, torch.Tensor):
-                return _C.ema_plan_update(plan, 0.0, decay)
-            if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-                return _C.ema_plan_update(plan, decay, None)
-        except TypeError:  # the tensors' dtypes changed under the plan (ema.half()): nothing was written
-            cache.pop('ext_plan', None)
-            cache.pop('ext_key', None)
     decay_tensor = decay if isinstance(decay, torch.Tensor) else None
     d = 0.0 if decay_tensor is not None else decay
-    if not isinstance(ema, (list, tuple)) or not isinstance(model, (list, tuple)):
-        raise TypeError('ema_update_ takes lists of tensors for ema and model')
     if decay_tensor is None and (not isinstance(d, (int, float)) or isinstance(d, bool)):
         raise TypeError(f'decay must be a float or a 0-d tensor, got {type(d).__name__}')
+    ema, model = tensor_list('ema', ema), tensor_list('model', model)  # TypeError, not the dispatcher's error
     with torch.no_grad():
         if len(ema) and use_ext('ema_update_', _device_of(ema)) and _kernel_takes(ema, model):
-            if cache is None or torch.compiler.is_compiling():  # compile traces the op, not a C++ object
-                with _argument_types('ema_update_'):
-                    _lib.ema_update_(ema, model, d, decay_tensor, mode)
-                return
-            plan = _cached_plan(cache, ema, model, mode)
-            if plan is None:
-                plan = cache['ext_plan'] = _C.ema_plan_new(list(ema), list(model), mode)
-                cache['ext_key'] = (ema, model, mode, _backend)
-            _C.ema_plan_update(plan, float(d), decay_tensor)
-        elif cache is None or torch.compiler.is_compiling():
-            _reference.ema_update_(ema, model, d, decay_tensor, mode)
+            _lib.ema_update_(ema, model, d, decay_tensor, mode)
         else:
-            batch = cache.get('torch_batch')
-            if batch is None or not batch.matches(ema, model):
-                batch = cache['torch_batch'] = _reference.EmaBatch(ema, model)
-            _reference.ema_update_(ema, model, d, decay_tensor, mode, batch=batch, matched=True)
+            _reference.ema_update_(ema, model, d, decay_tensor, mode)
 
 
 def _kernel_takes(ema, model) -> bool:
     """Whether every (ema, model) dtype pair has a compiled kernel; the other float pairs the seed's formula
     takes run on the pure-torch path (TORCHUTILS_EXT_BACKEND=ext: a RuntimeError naming the pair)."""
     for e, m in zip(ema, model):
-        pair = (getattr(e, 'dtype', None), getattr(m, 'dtype', None))
+        pair = (e.dtype, m.dtype)
         if pair not in KERNEL_PAIRS and all(dt in EMA_DTYPES for dt in pair):
             if _backend == 'ext':
                 raise RuntimeError(f'TORCHUTILS_EXT_BACKEND=ext but the compiled ema_update_ has no kernel for a '
@@ -238,11 +187,10 @@ def _kernel_takes(ema, model) -> bool:
 def count_zeros(tensors) -> torch.Tensor:
     if isinstance(tensors, torch.Tensor):  # list() would split it into rows
         raise TypeError('count_zeros takes a list of tensors, got a tensor')
-    tensors = list(tensors)
+    tensors = tensor_list('tensors', list(tensors))
     with torch.no_grad():
         if tensors and use_ext('count_zeros', _device_of(tensors)):
-            with _argument_types('count_zeros'):
-                return _lib.count_zeros(tensors)
+            return _lib.count_zeros(tensors)
         return _reference.count_zeros(tensors)
 
 
@@ -250,16 +198,17 @@ def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_gr
     """Fold BN into conv/linear weights for many layers in one call. Returns (weights, biases)."""
     eps = [float(e) for e in eps]
     transposed_groups = [int(g) for g in transposed_groups]
+    weight, mean, var = tensor_list('weight', weight), tensor_list('running_mean', mean), \
+        tensor_list('running_var', var)
+    bias, bn_weight, bn_bias = (tensor_list(name, xs, allow_none=True)
+                                for name, xs in (('bias', bias), ('bn_weight', bn_weight), ('bn_bias', bn_bias)))
     with torch.no_grad():
         if len(weight) and use_ext('fold_conv_bn', _device_of(weight)):
             args = (bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
-            with _argument_types('fold_conv_bn'):
-                if inplace:
-                    if not all(isinstance(w, torch.Tensor) for w in weight):
-                        raise TypeError('fold_conv_bn: every weight must be a tensor')
-                    out_b = _fold_bias_fake(weight, transposed_groups)  # right shape, dtype, device
-                    _lib.fold_conv_bn_(weight, out_b, *args)
-                    return list(weight), out_b
-                return _lib.fold_conv_bn(weight, *args)
+            if inplace:
+                out_b = _fold_bias_fake(weight, transposed_groups)  # right shape, dtype, device
+                _lib.fold_conv_bn_(weight, out_b, *args)
+                return list(weight), out_b
+            return _lib.fold_conv_bn(weight, *args)
         return _reference.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
                                        inplace=inplace)

@@ -35,21 +35,14 @@ def _decay_pair(decay, decay_tensor):
     return d, 1.0 - d
 
 
-def ema_update_(ema, model, decay: float = 0.0, decay_tensor=None, mode: str = 'yolov5', batch=None,
-                matched=False) -> None:
+def ema_update_(ema, model, decay: float = 0.0, decay_tensor=None, mode: str = 'yolov5') -> None:
     """ema[i] = decay * ema[i] + (1 - decay) * model[i], in place, math in fp32 (fp64 for fp64 EMA).
 
     mode 'yolov5': ``v *= d; v += (1 - d) * m`` with each product and the sum rounded once (no FMA).
     mode 'lerp': ``torch.lerp(v, m, 1 - d)``.
-    ``batch``: an EmaBatch of these same lists, validated earlier; used while it still matches them
-    (``matched=True``: the caller has just checked that).
     """
-    if batch is None or not (matched or batch.matches(ema, model)):
-        check_ema_args(ema, model, decay, decay_tensor, mode)
-        batch = EmaBatch(ema, model, validated=True)
-    else:
-        check_ema_args(ema[:1], model[:1], decay, decay_tensor, mode)  # the scalars (tensors: matched)
-    batch.apply(decay, decay_tensor, mode)
+    check_ema_args(ema, model, decay, decay_tensor, mode)
+    EmaGroups(ema, model).apply(decay, decay_tensor, mode)
 
 
 _PTR = torch.Tensor.data_ptr
@@ -184,22 +177,17 @@ def _combine(es, ms, d, omd, mode, scratch_is_free=False):
         torch._foreach_lerp_(es, ms, omd if not isinstance(omd, torch.Tensor) else [omd] * len(ms))
 
 
-class EmaBatch:
-    """ema/model lists checked once and grouped by (device, dtypes) for the foreach calls.
+class EmaGroups:
+    """Validated ema/model lists grouped by (device, dtypes) for the foreach calls; a plan keeps one per device.
 
-    Validation (overlap spans above all) costs ~10 us a tensor in Python, more than the update itself on small
-    models. ``matches`` is the per-call proof that nothing changed since: the same list contents and, per
-    tensor, the same data pointer, dtype and shape (C-level maps), which covers ``.to()``/``.half()``/``.data =``
-    swaps that keep the Parameter object (a new layout means new memory).
+    ``unchanged`` is a plan's per-step proof that no tensor was swapped since (``.to()``/``.half()``/``.data =``
+    keep the Parameter object but change its data pointer, dtype or shape), in C-level maps.
     """
 
-    def __init__(self, ema, model, validated=False):
-        if not validated:
-            check_ema_args(ema, model, 0.5, None, 'yolov5')
+    def __init__(self, ema, model):
         self.ema, self.model = list(ema), list(model)
-        self.src = (ema, model)  # ModelEMA passes these very list objects every step and never edits them
-        # traced by torch.compile, tensors have no real memory: such a batch is used once and never matched
-        self.key = None if torch.compiler.is_compiling() else self._key(self.ema, self.model)
+        # traced by torch.compile, tensors have no real memory: such groups are used once, never rechecked
+        self.key = None if torch.compiler.is_compiling() else self._key()
         groups = defaultdict(lambda: ([], []))
         for e, m in zip(self.ema, self.model):
             g = groups[(e.device, e.dtype, m.dtype)]
@@ -207,16 +195,12 @@ class EmaBatch:
             g[1].append(m)
         self.groups = [_Group(device, edt, mdt, es, ms) for (device, edt, mdt), (es, ms) in groups.items()]
 
-    @staticmethod
-    def _key(ema, model):
-        ts = [*ema, *model]
+    def _key(self):
+        ts = [*self.ema, *self.model]
         return list(map(_PTR, ts)), list(map(_DTYPE, ts)), list(map(_SHAPE, ts))
 
-    def matches(self, ema, model) -> bool:
-        same_lists = (ema is self.src[0] and model is self.src[1]) or (
-            len(ema) == len(self.ema) and all(map(operator.is_, ema, self.ema))
-            and all(map(operator.is_, model, self.model)))  # the caller's own lists: their contents it keeps
-        return same_lists and self.key is not None and self._key(ema, model) == self.key
+    def unchanged(self) -> bool:
+        return self.key is not None and self._key() == self.key
 
     def apply(self, decay, decay_tensor, mode):
         d, omd = _decay_pair(decay, decay_tensor)

@@ -17,7 +17,7 @@ KERNEL_PAIRS = frozenset({(torch.float32, torch.float32), (torch.float32, torch.
 MODES = ('yolov5', 'lerp')
 
 
-def _tensor_list(name, xs, allow_none=False):
+def tensor_list(name, xs, allow_none=False):
     if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(f'{name} must be a list of tensors, got {type(xs).__name__}')
     for i, x in enumerate(xs):
@@ -93,23 +93,34 @@ def _shared(writes, reads=()):
     return False
 
 
-def check_ema_args(ema, model, decay, decay_tensor, mode):
-    ema = _tensor_list('ema', ema)
-    model = _tensor_list('model', model)
-    if len(ema) != len(model):
-        raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
+def check_mode(mode):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def check_decay(decay, decay_tensor=None, device=None):
+    """A float in [0, 1], or (decay_tensor) a 0-d float32/float64 tensor on ``device`` or the CPU."""
     if decay_tensor is None:
         if not isinstance(decay, (int, float)) or isinstance(decay, bool):
             raise TypeError(f'decay must be a float, got {type(decay).__name__}')
         if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
             raise ValueError(f'decay must be a finite number in [0, 1], got {decay}')
-    else:
-        if not isinstance(decay_tensor, torch.Tensor) or decay_tensor.dim() != 0:
-            raise TypeError('decay tensor must be a 0-d tensor')
-        if decay_tensor.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f'decay tensor must be float32 or float64, got {decay_tensor.dtype}')
+        return
+    if not isinstance(decay_tensor, torch.Tensor) or decay_tensor.dim() != 0:
+        raise TypeError('decay tensor must be a 0-d tensor')
+    if decay_tensor.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f'decay tensor must be float32 or float64, got {decay_tensor.dtype}')
+    if device is not None and decay_tensor.device != device and decay_tensor.device.type != 'cpu':
+        raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {device}')
+
+
+def check_ema_args(ema, model, decay, decay_tensor, mode):
+    ema = tensor_list('ema', ema)
+    model = tensor_list('model', model)
+    if len(ema) != len(model):
+        raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
+    check_mode(mode)
+    check_decay(decay, decay_tensor, ema[0].device if ema else None)
     for i, (e, m) in enumerate(zip(ema, model)):
         if e.dtype not in EMA_DTYPES:
             raise TypeError(f'ema[{i}] has dtype {e.dtype}; EMA tensors must be float32/float16/bfloat16/float64')
@@ -121,8 +132,6 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
         if e.device != m.device or e.device != ema[0].device:
             raise ValueError(f'ema[{i}] ({e.device}) and model[{i}] ({m.device}) must be on one device, '
                              f'the device of ema[0] ({ema[0].device})')
-    if decay_tensor is not None and ema and decay_tensor.device != ema[0].device and decay_tensor.device.type != 'cpu':
-        raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
     if ema and ema[0].device.type != 'meta' and not torch.compiler.is_compiling():  # traced: no real memory
         check_self_overlap(ema, 'ema_update_')
         if _shared(ema):
@@ -132,10 +141,10 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
 
 
 def check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
-    weight = _tensor_list('weight', weight)
-    lists = {'bias': _tensor_list('bias', bias, True), 'bn_weight': _tensor_list('bn_weight', bn_weight, True),
-             'bn_bias': _tensor_list('bn_bias', bn_bias, True), 'running_mean': _tensor_list('running_mean', mean),
-             'running_var': _tensor_list('running_var', var)}
+    weight = tensor_list('weight', weight)
+    lists = {'bias': tensor_list('bias', bias, True), 'bn_weight': tensor_list('bn_weight', bn_weight, True),
+             'bn_bias': tensor_list('bn_bias', bn_bias, True), 'running_mean': tensor_list('running_mean', mean),
+             'running_var': tensor_list('running_var', var)}
     n = len(weight)
     for name, xs in [*lists.items(), ('eps', eps), ('transposed_groups', transposed_groups)]:
         if len(xs) != n:

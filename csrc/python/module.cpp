@@ -1,16 +1,16 @@
 // torchutils_ext._C: importing it loads this library, whose static initialisers register the op schemas and
-// kernels with the dispatcher; the module itself carries the few functions ModelEMA calls every step.
+// kernels with the dispatcher; the module itself carries the functions ModelEMA calls every step.
 #include "functions.h"
 
 namespace torchutils_ext {
 namespace {
 
 PyMethodDef methods[] = {
-    {"same_items", same_items, METH_VARARGS, "dicts[i].get(keys[i]) is values[i] for every i"},
-    {"ema_plan_new", ema_plan_new, METH_VARARGS, "ema_plan_new(ema, model, formula) -> plan"},
-    {"ema_plan_update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(ema_plan_update)), METH_FASTCALL,
-     "ema_plan_update(plan, decay, decay_tensor or None)"},
-    {"ema_plan_revalidations", ema_plan_revalidations, METH_O, "times the plan revalidated"},
+    {"slots_unchanged", slots_unchanged, METH_VARARGS, "dicts[i][keys[i]] is values[i] for every i"},
+    {"ema_plan_new", ema_plan_new, METH_VARARGS,
+     "ema_plan_new(ema_module, model_module, dicts, keys, values, groups, mode) -> plan"},
+    {"ema_plan_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(ema_plan_step)), METH_FASTCALL,
+     "ema_plan_step(plan, ema_module, model_module, decay) -> True (updated) or False (stale, nothing written)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
