@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "ema_args.h"
+#include "ema_args.h"  // check_no_overlap
 
 namespace torchutils_ext {
 
@@ -49,7 +49,7 @@ void check_fold_args(const FoldArgs& a) {
 }
 
 RowLayout row_layout(const at::Tensor& w, int64_t g) {
-  if (w.numel() == 0) return {false, 0, 0, 0};
+  if (w.numel() == 0) return {true, 0, 1, 1};  // no rows to walk; the biases are still written
   if (g == 0) {
     const int64_t c = w.size(0), k = w.numel() / c;
     // output channel outermost and each channel's K elements contiguous (contiguous or channels_last)
@@ -85,31 +85,13 @@ std::vector<at::Tensor> bias_outputs(at::TensorList bias_out, size_t n) {
   return bias_out.empty() ? std::vector<at::Tensor>(n) : bias_out.vec();
 }
 
-void fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& out_b) {
-  const auto& w = a.weight[i];
-  const auto op = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t c = a.channels(i), g = a.transposed_groups[i];
-  // correctly rounded sqrt (torch's vectorised float sqrt may be 1 ulp off): float64 sqrt, then round
-  const at::Tensor std = (a.var[i].to(op) + a.eps[i]).to(at::kDouble).sqrt().to(op);
-  auto bw = a.bn_weight.get(i);
-  const at::Tensor scale = (bw ? bw->to(op) : at::ones_like(std)) / std;  // one rounding, as the kernels
-  auto b = a.bias.get(i);
-  at::Tensor shift = (b ? b->to(op) - a.mean[i].to(op) : -a.mean[i].to(op)) * scale;
-  if (auto bb = a.bn_bias.get(i)) shift = shift + bb->to(op);
-  std::vector<int64_t> shape(w.dim(), 1);
-  at::Tensor f;
-  if (g == 0) {
-    shape[0] = c;
-    f = scale.view(shape);
-  } else {
-    const int64_t cin = w.size(0), opg = w.size(1);
-    shape[0] = cin;
-    shape[1] = opg;
-    f = scale.view({g, 1, opg}).expand({g, cin / g, opg}).reshape(shape);
-  }
-  out_w.copy_(w.to(op) * f);
-  if (out_b.defined()) out_b.copy_(shift);
-  else out_b = shift.to(w.scalar_type());
+RowsIO rows_io(const at::Tensor& w, const at::Tensor& out_w, int64_t g) {
+  const RowLayout L = row_layout(w, g);
+  if (L.ok && (out_w.is_same(w) || out_w.strides() == w.strides())) return {w, out_w, out_w, L};
+  const at::Tensor src = w.contiguous();
+  // in place on a non-walkable weight: the contiguous copy is written, then copied back
+  const at::Tensor dst = out_w.is_same(w) && !src.is_same(w) ? src : at::empty_like(src, at::MemoryFormat::Contiguous);
+  return {src, dst, out_w, row_layout(src, g)};
 }
 
 }  // namespace torchutils_ext

@@ -1,4 +1,4 @@
-// Validation, per-channel BN factors, and the generic (ATen) path of fold_conv_bn, shared by CPU and CUDA.
+// Validation, the rows layout and the op entry points of fold_conv_bn, shared by the CPU and CUDA kernels.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/List.h>
@@ -33,7 +33,7 @@ void check_fold_outputs(const FoldArgs& a, at::TensorList bias_out);
 // Bias outputs for the functional variant (undefined entries are allocated by the kernels).
 std::vector<at::Tensor> bias_outputs(at::TensorList bias_out, size_t n);
 
-// Rows layout of weight i, when the fast kernels can walk it: K elements per row, row r holds output channel
+// Rows layout of a weight the kernels walk: K elements per row, row r holds output channel
 // (r / (ipg * opg)) * opg + r % opg (Conv/Linear: ipg = 1, opg = C, so channel = r).
 struct RowLayout {
   bool ok;
@@ -41,9 +41,17 @@ struct RowLayout {
 };
 RowLayout row_layout(const at::Tensor& w, int64_t transposed_groups);
 
-// Layer i through ATen broadcasting (any strides); writes out_w (may alias weight) and out_b (allocated
-// when undefined).
-void fold_aten(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& out_b);
+// What the kernels read (src) and write (dst) for layer i: the weight and out_w themselves when they walk as
+// rows with the same strides, else contiguous copies; finish() writes dst back into out_w. So every layout
+// goes through the one kernel math.
+struct RowsIO {
+  at::Tensor src, dst, out;
+  RowLayout L;
+  void finish() const {
+    if (!dst.is_same(out)) out.copy_(dst);
+  }
+};
+RowsIO rows_io(const at::Tensor& w, const at::Tensor& out_w, int64_t transposed_groups);
 
 // A device's folding loop: writes out_w (each may be the weight itself) and out_b (undefined entries are
 // allocated), returns out_b.

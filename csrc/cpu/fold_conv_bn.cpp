@@ -1,13 +1,13 @@
-// CPU kernel of fold_conv_bn / fold_conv_bn_: per layer, BN factors per output channel, then one scaling
-// pass over the weight rows. Layers whose weights cannot be walked as rows go through ATen broadcasting.
+// CPU kernel of fold_conv_bn / fold_conv_bn_: per layer, BN factors per output channel (see [fold math]), then
+// one scaling pass over the weight rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 
-#include "../common/ema_args.h"
 #include "../common/fold_args.h"
+#include "../common/fold_math.h"
 #include "simd.h"
 
 namespace torchutils_ext {
@@ -31,8 +31,7 @@ struct ChannelVec {
 
 // Scales each K-element row by its channel's factor; built for AVX2 where the CPU has it (see simd.h). Rows
 // from the four quarters of [lo, hi) go side by side: one core keeps more misses in flight over four row
-// streams than over one. C++ microbenchmark, 4096 rows of 4608 fp32 in place after a 128 MiB flush:
-// 1 row 4.2-4.5 ms, 2 rows 3.2-3.4, 4 rows 3.0-3.1, 8 rows 6.4.
+// streams than over one (more than four streams measured slower).
 // InPlace: each row is read through its destination pointer and the s* pointers are never touched (restrict
 // allows no second name for the same memory).
 template <bool InPlace, typename T, typename O>
@@ -74,22 +73,23 @@ TUE_TARGET_AVX2 void scale_rows_avx2(const T* src, T* dst, const O* scale, int64
 }
 
 template <typename T, typename O>
-void fold_layer(const FoldArgs& a, size_t i, const RowLayout& L, const at::Tensor& out_w, const at::Tensor& out_b) {
+void fold_layer(const FoldArgs& a, size_t i, const RowsIO& io, const at::Tensor& out_b) {
   const int64_t c = a.channels(i);
   const O eps = static_cast<O>(a.eps[i]);
   const ChannelVec<O> var(a.var[i], O(0)), mean(a.mean[i], O(0)), bw(a.bn_weight.get(i), O(1)),
       bb(a.bn_bias.get(i), O(0)), b(a.bias.get(i), O(0));
   std::vector<O> scale(c);
   T* ob = out_b.data_ptr<T>();
-  for (int64_t k = 0; k < c; ++k) {  // same operation order as fold_aten, so both paths round alike
-    scale[k] = (bw.p ? bw[k] : O(1)) / std::sqrt(var[k] + eps);
-    O s = (b[k] - mean[k]) * scale[k];
-    if (bb.p) s = s + bb[k];
-    ob[k] = static_cast<T>(s);
+  for (int64_t k = 0; k < c; ++k) {
+    scale[k] = fold_scale<O>(bw[k], var[k], eps);
+    const O shift_b = bb[k];
+    ob[k] = static_cast<T>(fold_shift<O>(b[k], mean[k], scale[k], bb.p ? &shift_b : nullptr));
   }
-  const T* src = a.weight[i].data_ptr<T>();
-  T* dst = out_w.data_ptr<T>();
-  const int64_t rows = a.weight[i].numel() / L.K;
+  const RowLayout& L = io.L;
+  if (L.K == 0) return;
+  const T* src = io.src.data_ptr<T>();
+  T* dst = io.dst.data_ptr<T>();
+  const int64_t rows = io.src.numel() / L.K;
   const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / L.K), [&](int64_t lo, int64_t hi) {
     if (avx2) scale_rows_avx2<T, O>(src, dst, scale.data(), lo, hi, L);
@@ -99,16 +99,13 @@ void fold_layer(const FoldArgs& a, size_t i, const RowLayout& L, const at::Tenso
 
 void fold_one(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& out_b) {
   const auto& w = a.weight[i];
-  const RowLayout L = row_layout(w, a.transposed_groups[i]);
-  if (!L.ok || (!out_w.is_same(w) && out_w.strides() != w.strides())) {
-    fold_aten(a, i, out_w, out_b);
-    return;
-  }
+  const RowsIO io = rows_io(w, out_w, a.transposed_groups[i]);
   if (!out_b.defined()) out_b = at::empty({a.channels(i)}, w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fold_conv_bn", [&] {
     using O = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    fold_layer<scalar_t, O>(a, i, L, out_w, out_b);
+    fold_layer<scalar_t, O>(a, i, io, out_b);
   });
+  io.finish();
 }
 
 std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w,

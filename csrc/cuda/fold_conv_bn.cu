@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/fold_math.h"
 #include "launch.h"
 #include "multi_tensor_apply.cuh"
 
@@ -27,11 +28,14 @@ __device__ __forceinline__ void st(double* p, int64_t i, double x) { p[i] = x; }
 __device__ __forceinline__ void st(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
 __device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float x) { p[i] = __float2bfloat16_rn(x); }
 
-// Same operation order as the CPU kernel and fold_aten: bn_weight / sqrt(var + eps), one rounding.
+template <typename T, typename O>
+__device__ __forceinline__ O vec(const FoldEntry& f, const void* p, int64_t c) {
+  return f.vec_op ? static_cast<const O*>(p)[c] : ld(static_cast<const T*>(p), c);
+}
+
 template <typename T, typename O>
 __device__ __forceinline__ O scale_of(const FoldEntry& f, int64_t c) {
-  const O std = sqrt(ld(static_cast<const T*>(f.var), c) + static_cast<O>(f.eps));
-  return (f.bn_w ? ld(static_cast<const T*>(f.bn_w), c) : O(1)) / std;
+  return fold_scale<O>(f.bn_w ? vec<T, O>(f, f.bn_w, c) : O(1), vec<T, O>(f, f.var, c), static_cast<O>(f.eps));
 }
 
 template <typename T, typename O>
@@ -41,13 +45,13 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(const __grid_constant__ 
   const int64_t chunk = blockIdx.x - t.block_start[k];
   if (chunk == 0) {
     for (int64_t c = threadIdx.x; c < f.C; c += blockDim.x) {
-      O s = (f.bias ? ld(static_cast<const T*>(f.bias), c) : O(0)) - ld(static_cast<const T*>(f.mean), c);
-      s = s * scale_of<T, O>(f, c);
-      if (f.bn_b) s = s + ld(static_cast<const T*>(f.bn_b), c);
-      st(static_cast<T*>(f.out_b), c, s);
+      const O bn_b = f.bn_b ? vec<T, O>(f, f.bn_b, c) : O(0);
+      st(static_cast<T*>(f.out_b), c,
+         fold_shift<O>(f.bias ? vec<T, O>(f, f.bias, c) : O(0), vec<T, O>(f, f.mean, c), scale_of<T, O>(f, c),
+                       f.bn_b ? &bn_b : nullptr));
     }
   }
-  const int64_t start = chunk * kChunk, end = min(f.numel, start + kChunk), group = f.ipg * f.opg;
+  const int64_t start = chunk * kChunk, end = min(f.elems, start + kChunk), group = f.ipg * f.opg;
   const T* w = static_cast<const T*>(f.w);
   T* out = static_cast<T*>(f.out_w);
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {

@@ -32,8 +32,10 @@ struct ZeroEntry {
 };
 void launch_count_zeros(const ZeroEntry* entries, int n, int64_t* out, cudaStream_t stream);
 
-// fold_conv_bn: one entry per layer whose weight walks as rows (see RowLayout); BN vectors share the weight's
-// dtype. Optional vectors (bias, bn_w, bn_b) may be null. out_w may equal w (in place).
+// fold_conv_bn: one entry per layer whose weight walks as rows (see RowLayout). BN vectors are of the weight's
+// dtype, or of its math type (float/double) when vec_op. Optional vectors (bias, bn_w, bn_b) may be null. out_w
+// may equal w (in place). numel >= 1 sizes the launch (block 0 of a layer writes its bias, even for an empty
+// weight); elems is the weight's element count.
 struct FoldEntry {
   const void* w;
   void* out_w;
@@ -44,7 +46,8 @@ struct FoldEntry {
   const void* var;
   void* out_b;
   double eps;
-  int64_t numel, K, ipg, opg, C;
+  int64_t numel, elems, K, ipg, opg, C;
+  bool vec_op;
 };
 enum class FoldDtype : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 void launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream);
