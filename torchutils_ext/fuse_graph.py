@@ -4,6 +4,16 @@ attribute and Sequential rules cannot see: ResNet's ``bn1(conv1(x))``, torchvisi
 A pair is a call of a Conv/ConvTranspose/Linear module whose output feeds exactly one call of an eval-mode
 BatchNorm (an exact torch BN type with running statistics) and nothing else, where each module is called at one
 place in the graph. Every other BN call is reported (debug log) with the reason it is left alone.
+
+The graph comes from torch.fx.symbolic_trace only. torch.export (given example inputs) was measured as a fallback
+for models fx cannot trace and is not used (figures: README, graph rule section):
+- value-dependent control flow (``if y.sum() > 0``) stops export as it stops fx;
+- what export adds is shape-dependent control flow, and there it records the branch the example input takes:
+  its graph proves an edge only for inputs shaped like the example (or within the ranges it narrowed, which no
+  public API tells apart from a conv's own size checks), while folding changes the model for every input. A
+  forward that adds ``x`` before the BN from 7 pixels up exports at 6x6 with a bare conv->BN edge; folding it
+  puts 8x8 outputs 1.6 off, 55% of their largest value (the ``ShapeWiring`` test model keeps its BN);
+- it costs 30-40x fx where both trace (torchvision resnet50: 0.5-1.0 s against 15-28 ms).
 """
 from __future__ import annotations
 
