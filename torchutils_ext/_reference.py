@@ -209,7 +209,7 @@ class EmaGroups:
 
 
 # Zero counting on the CPU: `logical_not(t)` (true exactly where t == 0: -0.0 included, NaN not) into a reused
-# cache-sized bool buffer, summed as bytes. On the CPU it runs ~2.4x faster than `t == 0`, and count_nonzero is
+# cache-sized bool buffer, summed as bytes. On the CPU it runs faster than `t == 0`, and count_nonzero is
 # data-dependent (fast on dense weights, several times slower with scattered zeros, i.e. after pruning). The
 # reused buffer avoids a model-sized temporary. Small tensors of one dtype are first packed into one buffer, so
 # that they cost one pass instead of one each.

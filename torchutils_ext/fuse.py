@@ -41,7 +41,7 @@ _MISSING = object()
 
 def _param(module, name):
     """``getattr(module, name)`` for a parameter slot as one dict read: Module.__getattr__ runs only after a
-    failed normal lookup (~1 us, and fusing yolov5l reads ~900 slots). Anything else (a parametrized weight
+    failed normal lookup, and fusing a large model reads hundreds of slots. Anything else (a parametrized weight
     is a property) goes through getattr."""
     v = module._parameters.get(name, _MISSING)
     return getattr(module, name) if v is _MISSING else v
@@ -54,7 +54,7 @@ def _buffer(module, name):
 
 
 def _fold_args(pairs):
-    # no .detach(): the op runs under no_grad, and ~600 detach() calls cost ~0.5 ms on yolov5l
+    # no .detach(): the op runs under no_grad, and a detach() per tensor is measurable host work
     cols = ([], [], [], [], [], [], [], [])
     for layer, bn in pairs:
         for col, v in zip(cols, (_param(layer, 'weight'), _param(layer, 'bias'), _param(bn, 'weight'),
@@ -85,7 +85,7 @@ _MODULE_KEYS = frozenset(nn.Module().__dict__)  # what every Module's __init__ p
 def _new_layer_like(layer):
     """A new layer of the same class and hyperparameters, its parameters still to be set. The torch classes
     themselves skip __init__, whose reset_parameters, even on the meta device, runs Python decompositions:
-    ~0.3 ms a layer, half of fuse_conv_and_bn per layer on yolov5l. Subclasses are built through __init__."""
+    a large share of fuse_conv_and_bn per layer. Subclasses are built through __init__."""
     cls = type(layer)
     if cls in _CONV:
         return _copy_hyperparameters(layer)
@@ -211,7 +211,7 @@ def _find_pairs(model, skips):
     for m in modules_once(model):
         if type(m) in _BN and _buffer(m, 'running_mean') is not None and id(m) not in seen:
             left = True  # (seen grows as pairs are found: checked again below)
-        kids = m._modules  # dict lookups: getattr misses on ~all modules cost ~10 us each
+        kids = m._modules  # dict lookups: a getattr miss raises and catches an AttributeError
         conv, bn = kids.get('conv'), kids.get('bn')
         if conv is not None and bn is not None:
             consider(m, conv, bn, bn, 'block', _known_block(m))
@@ -232,7 +232,7 @@ def _plain_setattr(module) -> bool:
 
 def _set_bias(layer, b):
     """``layer.bias = Parameter(b)`` for a layer built with bias=False: a dict store where that is all
-    __setattr__ would do (~4 -> 1.6 us a layer)."""
+    __setattr__ would do, for less host work a layer."""
     p = nn.Parameter(b, requires_grad=_param(layer, 'weight').requires_grad)
     if (_plain_setattr(layer) and not nn.modules.module._global_parameter_registration_hooks
             and layer._parameters.get('bias', 0) is None):  # register_parameter's checks all pass here

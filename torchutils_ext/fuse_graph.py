@@ -13,7 +13,7 @@ for models fx cannot trace and is not used (figures: README, graph rule section)
   public API tells apart from a conv's own size checks), while folding changes the model for every input. A
   forward that adds ``x`` before the BN from 7 pixels up exports at 6x6 with a bare conv->BN edge; folding it
   puts 8x8 outputs 1.6 off, 55% of their largest value (the ``ShapeWiring`` test model keeps its BN);
-- it costs 30-40x fx where both trace (torchvision resnet50: 0.5-1.0 s against 15-28 ms).
+- it costs over an order of magnitude more than fx where both trace.
 """
 from __future__ import annotations
 
