@@ -185,3 +185,35 @@ def test_opcheck_cuda():
     e, m = make([(5,), (4, 3)], torch.float32, 10), make([(5,), (4, 3)], torch.bfloat16, 11)
     torch.library.opcheck(torch.ops.torchutils_ext.ema_update_.default, (e, m, 0.9, None, 'yolov5'))
     torch.library.opcheck(torch.ops.torchutils_ext.count_zeros.default, ([e[0], m[1]],))
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ALL_PAIRS = [(e, m) for e in FLOATS for m in FLOATS]
+
+
+def _every_pair_lists(seed):
+    """One list mixing all 16 (EMA, model) dtype pairs: odd sizes (vector tails), views one element into their
+    storage (misaligned: the scalar path), and zero-element tensors."""
+    g = torch.Generator().manual_seed(seed)
+    ema, model = [], []
+    for k, (edt, mdt) in enumerate(ALL_PAIRS):
+        for n, offset in ((8192 * 2 + 5, 0), (1001, 1), (0, 0), (3 + k, 1)):
+            e = torch.randn(n + offset, generator=g).to(device='cuda', dtype=edt)[offset:]
+            m = torch.randn(n + offset, generator=g).to(device='cuda', dtype=mdt)[offset:]
+            ema.append(e)
+            model.append(m)
+    return ema, model
+
+
+@pytest.mark.parametrize('mode', ['yolov5', 'lerp'])
+@pytest.mark.parametrize('decay', ['float', 'cuda float64 tensor', 'cpu float64 tensor'])
+def test_ema_every_dtype_pair_matches_cpu_kernel(mode, decay):
+    ema, model = _every_pair_lists(11)
+    cpu_e, cpu_m = [e.cpu() for e in ema], [m.cpu() for m in model]
+    d = {'float': 0.9993, 'cuda float64 tensor': torch.tensor(0.9993, dtype=torch.float64, device='cuda'),
+         'cpu float64 tensor': torch.tensor(0.9993, dtype=torch.float64)}[decay]
+    with tx.use_backend('ext'):
+        _ops.ema_update_(ema, model, d, mode=mode)
+        _ops.ema_update_(cpu_e, cpu_m, 0.9993, mode=mode)
+    for e, c in zip(ema, cpu_e):
+        assert torch.equal(e.cpu(), c), (e.dtype, e.numel())
