@@ -137,6 +137,12 @@ ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_
   });
 }
 
+// Each table with the kernel's other parameters (and their alignment padding) within the limit it is launched
+// under: 64 entries with any runtime, 256 and 1024 with large parameters only.
+constexpr size_t kEmaExtra = 2 * sizeof(const void*) + 2 * sizeof(double);
+static_assert(sizeof(EmaTable<64>) + kEmaExtra <= kSmallParams, "the 64-entry table must fit 4 KB");
+static_assert(sizeof(EmaTable<1024>) + kEmaExtra <= kLargeParams, "the 1024-entry table must fit 32 KB");
+
 template <int CAP>
 void launch_cap(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
   pack_and_launch<EmaTable<CAP>, CAP>(
@@ -155,9 +161,12 @@ void launch_cap(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaS
 }  // namespace
 
 void launch_ema(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
-  // Small tables for small lists keep the parameter block (and launch latency) small.
-  if (n <= 64) launch_cap<64>(entries, n, decay, lerp, stream);
-  else launch_cap<1024>(entries, n, decay, lerp, stream);
+  // The smallest table that holds the list: a smaller parameter block to copy per launch.
+  if (n <= 64 || !large_kernel_params()) return launch_cap<64>(entries, n, decay, lerp, stream);
+#if TUE_LARGE_PARAMS
+  if (n <= 256) return launch_cap<256>(entries, n, decay, lerp, stream);
+  launch_cap<1024>(entries, n, decay, lerp, stream);
+#endif
 }
 
 }  // namespace cuda
