@@ -265,6 +265,22 @@ def test_small_parameter_tables_fallback():
     assert p.returncode == 0 and p.stdout.strip().endswith('ok'), p.stderr[-3000:]
 
 
+def test_cpu_decay_tensor_refused_while_capturing():
+    ema, model = make(SHAPES, torch.float32, 14), make(SHAPES, torch.float32, 15)
+    ema.append(torch.randn(8, 6, device='cuda')[:, ::2])  # a strided pair: the ATen path
+    model.append(torch.randn(8, 3, device='cuda'))
+    before = [e.clone() for e in ema]
+    decay = torch.tensor(0.5, dtype=torch.float64)  # on the CPU
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match='CPU decay tensor'):
+        with torch.cuda.graph(graph, stream=s):
+            torch.ops.torchutils_ext.ema_update_(ema, model, 0.0, decay, 'yolov5')
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(ema, before))
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize('layers', [4, 32, 33, 257])
 def test_fold_inplace_low_and_double_precision_matches_cpu_kernel(dtype, layers):

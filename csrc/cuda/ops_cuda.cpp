@@ -25,10 +25,22 @@ void check_cuda(at::TensorList ts, const char* op) {
                       "; the CUDA kernel takes CUDA tensors only");
 }
 
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   if (ema.empty()) return;
   check_cuda(ema, "ema_update_");
   const c10::cuda::CUDAGuard guard(ema[0].device());
+  // A CPU decay tensor would be read once on the host (its value frozen into the graph), and the strided pairs
+  // would copy it to the device (a sync, which breaks the capture): refused before anything is written.
+  TORCH_CHECK_VALUE(!(call.decay_tensor && !call.decay_tensor->is_cuda() &&
+                      capturing(c10::cuda::getCurrentCUDAStream().stream())),
+                    "ema_update_: a CPU decay tensor cannot be used while the current CUDA stream is being captured "
+                    "into a graph (its value would be frozen); pass the decay as a CUDA tensor");
   cuda::EmaDecay d{nullptr, false, call.decay};
   if (call.decay_tensor.has_value()) {
     if (call.decay_tensor->is_cuda()) {
