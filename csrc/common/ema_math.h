@@ -45,7 +45,8 @@ TUE_HD O ema_lerp(O v, O m, O w) {
 // The seed's `v *= d; v += (1 - d) * m` step by step, as torch runs it for an EMA of dtype E and a model of
 // dtype M: v * d in E's opmath rounded to E, (1 - d) * m in M's opmath rounded to M, their sum in W (the wider
 // of the two: float or double), stored into E. X<T> gives T's opmath type Op, up(T) -> Op, and down(x): x
-// rounded to T (from double via float for half/bf16, as c10 converts).
+// rounded to T (from double via float for half/bf16, as c10 converts). The CUDA kernel's per-element form; the
+// CPU kernel runs the same steps a block at a time (seed_span in cpu/ema_update.cpp).
 template <template <typename> class X, typename E, typename M, typename W>
 TUE_HD E ema_seed_yolov5(E e, M m, typename X<E>::Op d, typename X<M>::Op omd) {
   const W a = static_cast<W>(X<E>::up(X<E>::down(mul_rn(X<E>::up(e), d))));
