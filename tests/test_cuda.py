@@ -189,3 +189,118 @@ def test_opcheck_cuda():
     e, m = make([(5,), (4, 3)], torch.float32, 10), make([(5,), (4, 3)], torch.bfloat16, 11)
     torch.library.opcheck(torch.ops.torchutils_ext.ema_update_.default, (e, m, 0.9, None, 'yolov5'))
     torch.library.opcheck(torch.ops.torchutils_ext.count_zeros.default, ([e[0], m[1]],))
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ALL_PAIRS = [(e, m) for e in FLOATS for m in FLOATS]
+
+
+def _every_pair_lists(seed):
+    """One list mixing all 16 (EMA, model) dtype pairs: odd sizes (vector tails), views one element into their
+    storage (misaligned: the scalar path), and zero-element tensors."""
+    g = torch.Generator().manual_seed(seed)
+    ema, model = [], []
+    for k, (edt, mdt) in enumerate(ALL_PAIRS):
+        for n, offset in ((8192 * 2 + 5, 0), (1001, 1), (0, 0), (3 + k, 1)):
+            e = torch.randn(n + offset, generator=g).to(device='cuda', dtype=edt)[offset:]
+            m = torch.randn(n + offset, generator=g).to(device='cuda', dtype=mdt)[offset:]
+            ema.append(e)
+            model.append(m)
+    return ema, model
+
+
+@pytest.mark.parametrize('mode', ['yolov5', 'lerp'])
+@pytest.mark.parametrize('decay', ['float', 'cuda float64 tensor', 'cpu float64 tensor'])
+def test_ema_every_dtype_pair_matches_cpu_kernel(mode, decay):
+    ema, model = _every_pair_lists(11)
+    cpu_e, cpu_m = [e.cpu() for e in ema], [m.cpu() for m in model]
+    d = {'float': 0.9993, 'cuda float64 tensor': torch.tensor(0.9993, dtype=torch.float64, device='cuda'),
+         'cpu float64 tensor': torch.tensor(0.9993, dtype=torch.float64)}[decay]
+    with tx.use_backend('ext'):
+        _ops.ema_update_(ema, model, d, mode=mode)
+        _ops.ema_update_(cpu_e, cpu_m, 0.9993, mode=mode)
+    for e, c in zip(ema, cpu_e):
+        assert torch.equal(e.cpu(), c), (e.dtype, e.numel())
+
+
+@pytest.mark.parametrize('n', [64, 65, 256, 257, 1024, 1025, 2049])
+def test_ema_and_count_zeros_across_table_capacities(n):
+    """Lists on each side of every table capacity (64, 256, 1024 entries; over 1024: several launches)."""
+    sizes = [i % 37 + 1 for i in range(n)]
+    ema, model = make(sizes, torch.float32, 12), make(sizes, torch.bfloat16, 13)
+    cpu_e, cpu_m = [e.cpu() for e in ema], [m.cpu() for m in model]
+    with tx.use_backend('ext'):
+        _ops.ema_update_(ema, model, 0.9993)
+        _ops.ema_update_(cpu_e, cpu_m, 0.9993)
+        for e in ema[::3]:
+            e[::2] = 0
+        assert int(_ops.count_zeros(ema)) == sum(int((e == 0).sum()) for e in ema)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
+
+
+SMALL_PARAMS_PROBE = '''
+import torch, torchutils_ext as tx
+from torchutils_ext import _ops
+sizes = [i % 37 + 1 for i in range(1025)]
+ema = [torch.randn(s, device='cuda') for s in sizes]
+model = [torch.randn(s, device='cuda').half() for s in sizes]
+cpu_e, cpu_m = [e.cpu() for e in ema], [m.cpu() for m in model]
+with tx.use_backend('ext'):
+    _ops.ema_update_(ema, model, 0.9993)
+    _ops.ema_update_(cpu_e, cpu_m, 0.9993)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
+    for e in ema[::2]:
+        e[0] = 0
+    assert int(_ops.count_zeros(ema)) == sum(int((e == 0).sum()) for e in ema)
+print('ok')
+'''
+
+
+def test_small_parameter_tables_fallback():
+    """Without 32 KB kernel parameters (a CUDA runtime or driver before 12.1) the 64-entry tables serve any list:
+    forced here with TORCHUTILS_EXT_SMALL_PARAMS=1 in a fresh process (the answer is cached per process)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TORCHUTILS_EXT_SMALL_PARAMS='1')
+    p = subprocess.run([sys.executable, '-c', SMALL_PARAMS_PROBE], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith('ok'), p.stderr[-3000:]
+
+
+def test_cpu_decay_tensor_refused_while_capturing():
+    ema, model = make(SHAPES, torch.float32, 14), make(SHAPES, torch.float32, 15)
+    ema.append(torch.randn(8, 6, device='cuda')[:, ::2])  # a strided pair: the ATen path
+    model.append(torch.randn(8, 3, device='cuda'))
+    before = [e.clone() for e in ema]
+    decay = torch.tensor(0.5, dtype=torch.float64)  # on the CPU
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match='CPU decay tensor'):
+        with torch.cuda.graph(graph, stream=s):
+            torch.ops.torchutils_ext.ema_update_(ema, model, 0.0, decay, 'yolov5')
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(ema, before))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize('layers', [4, 32, 33, 257])
+def test_fold_inplace_low_and_double_precision_matches_cpu_kernel(dtype, layers):
+    """fold_conv_bn_ on CUDA, same bits as the CPU kernel, across the fold table's capacities (32, 256)."""
+    g = torch.Generator().manual_seed(layers)
+    shapes = [((4 + i % 5, 3, 3, 3) if i % 3 else (6, 5 + i % 4)) for i in range(layers)]
+    weight = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    chans = [s[0] for s in shapes]
+    vecs = lambda lo=0.0: [(torch.rand(c, generator=g) + lo).to(dtype) for c in chans]  # noqa: E731
+    bias, bn_w, bn_b, mean, var = vecs(), vecs(), vecs(), vecs(), vecs(0.5)
+    eps, groups = [1e-5] * layers, [0] * layers
+    cuda = lambda xs: [x.cuda() for x in xs]  # noqa: E731
+    w_gpu = cuda(weight)
+    with tx.use_backend('ext'):
+        _, b_cpu = _ops.fold_conv_bn(weight, bias, bn_w, bn_b, mean, var, eps, groups, inplace=True)
+        _, b_gpu = _ops.fold_conv_bn(w_gpu, cuda(bias), cuda(bn_w), cuda(bn_b), cuda(mean), cuda(var), eps, groups,
+                                     inplace=True)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(w_gpu, weight))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(b_gpu, b_cpu))

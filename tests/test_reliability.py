@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_untouched, snapshot
+from conftest import assert_untouched, same_layout_clone, snapshot
 from seed_oracle import SeedEMA
 
 import torchutils_ext as tx
 from torchutils_ext import _ops
+from torchutils_ext._validate import SEED_ROUNDING_PAIRS
 
 
 def _net():
@@ -309,30 +310,75 @@ def test_interleaved_views_are_not_overlapping(backend, op):
         assert torch.equal(w[:, 0], torch.full((4, 1, 1), 0.5)) and torch.equal(w[:, 1], torch.full((4, 1, 1), 2.0))
 
 
-KERNEL_LESS_PAIRS = [(e, m) for e in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-                     for m in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-                     if (e, m) not in _ops.KERNEL_PAIRS]
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ALL_PAIRS = [(e, m) for e in FLOATS for m in FLOATS]
+_name = lambda d: str(d).replace('torch.', '')  # noqa: E731
 
 
-@pytest.mark.parametrize('edt,mdt', KERNEL_LESS_PAIRS, ids=lambda d: str(d).replace('torch.', ''))
-@pytest.mark.parametrize('path', ['torch', 'auto'])
-def test_every_float_pair_the_seed_takes(edt, mdt, path):
+def _pair_inputs(edt, mdt, seed=5):
+    """Odd sizes (the CPU loop's odd half, the CUDA vector tail, a chunk boundary), a dense permuted pair, and
+    strided pairs (the ATen path: every other element, and layouts that differ)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(dt, start):
+        rnd = lambda *s: torch.randn(*s, generator=g).to(dt)  # noqa: E731
+        return [rnd(1), rnd(7, 5), rnd(301), rnd((1 << 16) * 2 + 3), rnd(6, 5).t(), rnd(40)[start::2],
+                rnd(2, 3, 4, 5).contiguous(memory_format=torch.channels_last) if start else rnd(2, 3, 4, 5)]
+    return make(edt, 0), make(mdt, 1)
+
+
+def _seed_formula(es, ms, d):
+    out = [same_layout_clone(x) for x in es]
+    for v, w in zip(out, ms):
+        v *= d
+        v += (1 - d) * w
+    return out
+
+
+@pytest.mark.parametrize('edt,mdt', ALL_PAIRS, ids=_name)
+@pytest.mark.parametrize('decay', ['float', 'float64 tensor'])
+def test_every_float_pair_the_seed_takes(monkeypatch, edt, mdt, decay):
     """A half/bf16/fp64 EMA of an fp32 model (the seed's own commented-out `self.ema.half()`), an fp32 EMA of an
-    fp64 model, ...: the seed's bits, on the pure-torch path (auto: the compiled ops hand these pairs over)."""
-    g = torch.Generator().manual_seed(5)
-    e0 = [torch.randn(300, generator=g).to(edt), torch.randn(7, 5, generator=g).to(edt)]
-    m = [torch.randn(300, generator=g).to(mdt), torch.randn(7, 5, generator=g).to(mdt)]
-    ref = [x.clone() for x in e0]
-    for v, w in zip(ref, m):
-        v *= 0.9993
-        v += (1 - 0.9993) * w
-    e = [x.clone() for x in e0]
-    with tx.use_backend(path):
-        _ops.ema_update_(e, m, 0.9993)
-    assert all(torch.equal(a, b) for a, b in zip(e, ref))
-    if _ops.COMPILED:
-        with tx.use_backend('ext'), pytest.raises(RuntimeError, match='no kernel for a'):
-            _ops.ema_update_([x.clone() for x in e0], m, 0.9993)
+    fp64 model, ...: every float pair runs on the compiled op; the seed-rounding pairs give the seed's bits, the
+    other six the pure-torch twin's (the README's documented exceptions)."""
+    if not _ops.COMPILED:
+        pytest.skip('compiled ops not built')
+    es, ms = _pair_inputs(edt, mdt)
+    d = 0.9993 if decay == 'float' else torch.tensor(0.9993, dtype=torch.float64)
+    twin = [same_layout_clone(x) for x in es]
+    with tx.use_backend('torch'):
+        _ops.ema_update_(twin, ms, d)
+    got = [same_layout_clone(x) for x in es]
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError('the pure-torch path ran')
+    monkeypatch.setattr(_ops._reference, 'ema_update_', no_fallback)
+    with tx.use_backend('ext'):
+        _ops.ema_update_(got, ms, d)
+    assert all(torch.equal(a, b) for a, b in zip(got, twin))
+    assert all(a.stride() == b.stride() for a, b in zip(got, es))
+    if (edt, mdt) in SEED_ROUNDING_PAIRS or edt == mdt in (torch.float32, torch.float64):
+        ref = _seed_formula(es, ms, 0.9993)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize('edt,mdt', sorted(SEED_ROUNDING_PAIRS, key=str), ids=_name)
+def test_every_float_pair_lerp_within_an_ulp(edt, mdt):
+    """Mode 'lerp' of the seed-rounding pairs: torch.lerp in the wider dtype rounded into the EMA, as the twin
+    does; the kernels round twice where torch's vectorised lerp fuses: at most one ulp of the EMA dtype at the
+    inputs' magnitude apart (a result near zero after cancellation can be many of its own ulps away)."""
+    if not _ops.COMPILED:
+        pytest.skip('compiled ops not built')
+    es, ms = _pair_inputs(edt, mdt, seed=6)
+    twin, got = [same_layout_clone(x) for x in es], [same_layout_clone(x) for x in es]
+    with tx.use_backend('torch'):
+        _ops.ema_update_(twin, ms, 0.9993, mode='lerp')
+    with tx.use_backend('ext'):
+        _ops.ema_update_(got, ms, 0.9993, mode='lerp')
+    eps = torch.finfo(edt).eps
+    for e, m, a, b in zip(es, ms, got, twin):
+        bound = eps * (e.double().abs() + m.double().abs())
+        assert ((a.double() - b.double()).abs() <= bound).all()
 
 
 def test_half_ema_of_an_fp32_model_continues_after_ema_half():

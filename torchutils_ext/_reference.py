@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import KERNEL_PAIRS, check_ema_args, check_fold_args, check_fold_inplace
+from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -78,7 +78,7 @@ class _Group:
         self.device, self.edt, self.mdt, self.es, self.ms = device, edt, mdt, es, ms
         self.op = _opmath(edt)
         self.chunks = {}  # per mode: (chunks, packed), built at the first update that needs them
-        self.seed_math = (edt, mdt) not in KERNEL_PAIRS
+        self.seed_math = (edt, mdt) in SEED_ROUNDING_PAIRS
 
     def _build_packed(self, pairs):
         """Flat views of the small tensors and two flat buffers, for the packed update."""
@@ -147,15 +147,20 @@ class _Group:
 
 
 def _seed_steps(es, ms, d, omd, mode):
-    """The pairs without a kernel (a half/bf16/fp64 EMA of an fp32 model, an fp32 EMA of an fp64 model): the
+    """The SEED_ROUNDING_PAIRS (a half/bf16/fp64 EMA of an fp32 model, an fp32 EMA of an fp64 model, ...): the
     seed's own three steps, so each rounds where the seed rounds: ``v *= d`` in the EMA's dtype, ``(1 - d) * m``
     in the model's, the sum in the wider of the two, stored in the EMA's. Mode 'lerp' works in the wider dtype
     and rounds once into the EMA. Tensor by tensor: a foreach op rounds a Python scalar to a half tensor's dtype
-    first, where the seed's ``v *= d`` multiplies by it in float32."""
+    first, where the seed's ``v *= d`` multiplies by it in float32. A decay tensor is taken to each step's
+    opmath first: on CUDA a float64 0-d tensor times a half tensor would be rounded to half."""
     if mode == 'yolov5':
         for e, m in zip(es, ms):
-            e.mul_(d)
-            e.add_(m * omd)
+            if isinstance(d, torch.Tensor):
+                e.copy_(e.to(_opmath(e.dtype)) * d.to(_opmath(e.dtype)))
+                e.add_((m.to(_opmath(m.dtype)) * omd.to(_opmath(m.dtype))).to(m.dtype))
+            else:
+                e.mul_(d)
+                e.add_(m * omd)
         return
     for e, m in zip(es, ms):
         wide = torch.promote_types(e.dtype, m.dtype)

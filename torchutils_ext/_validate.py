@@ -10,10 +10,13 @@ import math
 import torch
 
 EMA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# (ema dtype, model dtype) pairs the compiled kernels take; the other float pairs run on the pure-torch path
-KERNEL_PAIRS = frozenset({(torch.float32, torch.float32), (torch.float32, torch.float16),
-                          (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
-                          (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)})
+# (ema dtype, model dtype) pairs the compiled kernels take: every float pair
+KERNEL_PAIRS = frozenset((e, m) for e in EMA_DTYPES for m in EMA_DTYPES)
+# the pairs computed with the seed's own three rounding steps (each product in its operand's dtype, the sum in
+# the wider one); the other six compute in fp32 (fp64 for fp64/fp64) and round once into the EMA
+SEED_ROUNDING_PAIRS = KERNEL_PAIRS - {(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                      (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
+                                      (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)}
 MODES = ('yolov5', 'lerp')
 
 

@@ -12,15 +12,20 @@
 namespace torchutils_ext {
 namespace {
 
+std::optional<EmaDtype> ema_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return EmaDtype::F32;
+    case at::kHalf: return EmaDtype::F16;
+    case at::kBFloat16: return EmaDtype::BF16;
+    case at::kDouble: return EmaDtype::F64;
+    default: return std::nullopt;
+  }
+}
+
 std::optional<EmaKind> kind_of(at::ScalarType e, at::ScalarType m) {
-  using at::ScalarType;
-  if (e == ScalarType::Float && m == ScalarType::Float) return EmaKind::F32_F32;
-  if (e == ScalarType::Float && m == ScalarType::Half) return EmaKind::F32_F16;
-  if (e == ScalarType::Float && m == ScalarType::BFloat16) return EmaKind::F32_BF16;
-  if (e == ScalarType::Half && m == ScalarType::Half) return EmaKind::F16_F16;
-  if (e == ScalarType::BFloat16 && m == ScalarType::BFloat16) return EmaKind::BF16_BF16;
-  if (e == ScalarType::Double && m == ScalarType::Double) return EmaKind::F64_F64;
-  return std::nullopt;
+  const auto de = ema_dtype(e), dm = ema_dtype(m);
+  if (!de || !dm) return std::nullopt;
+  return ema_kind(*de, *dm);
 }
 
 // [first byte, one past last byte] a tensor can touch.
@@ -140,8 +145,8 @@ EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
     const auto &e = ema[i], &m = model[i];
     auto k = kind_of(e.scalar_type(), m.scalar_type());
     TORCH_CHECK_TYPE(k.has_value(), "ema_update_: ema[", i, "] (", e.scalar_type(), ") with model[", i, "] (",
-                     m.scalar_type(), ") is not supported: EMA must be float32/float16/bfloat16/float64 and the "
-                     "model the same dtype, or float16/bfloat16 under a float32 EMA");
+                     m.scalar_type(), ") is not supported: EMA and model must each be "
+                     "float32/float16/bfloat16/float64");
     TORCH_CHECK_VALUE(e.sizes() == m.sizes(), "ema_update_: ema[", i, "] shape ", e.sizes(),
                       " differs from model[", i, "] shape ", m.sizes());
     TORCH_CHECK_VALUE(e.device() == m.device() && e.device() == ema[0].device(), "ema_update_: ema[", i, "] (",
@@ -168,7 +173,34 @@ EmaRunner ema_runner(c10::DeviceType device) {
   return s < 0 ? nullptr : g_runners[s];
 }
 
+namespace {
+
+at::ScalarType opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The seed's three steps (ema_seed_yolov5 / ema_seed_lerp) with ATen ops: each product in its opmath, rounded
+// to its operand's dtype; the sum or the lerp in W. The decay goes to each opmath as a tensor of that opmath, so
+// a half EMA multiplies by the float32 decay (a float64 device scalar would be rounded to half on CUDA).
+void seed_steps_aten(const at::Tensor& ema, const at::Tensor& model, const EmaCall& call) {
+  const auto E = ema.scalar_type(), M = model.scalar_type(), W = at::promote_types(E, M);
+  const auto d64 = call.decay_tensor ? call.decay_tensor->to(ema.device(), at::kDouble)
+                                     : at::scalar_tensor(call.decay, ema.options().dtype(at::kDouble));
+  const auto omd64 = 1 - d64;  // in float64, like the seed's Python (1 - d)
+  at::Tensor out;
+  if (call.lerp) {
+    out = at::lerp(ema.to(W), model.to(W), omd64.to(opmath(W)).to(W));
+  } else {
+    const auto a = ema.to(opmath(E)).mul(d64.to(opmath(E))).to(E);
+    const auto b = model.to(opmath(M)).mul(omd64.to(opmath(M))).to(M);
+    out = a.to(W).add(b.to(W));
+  }
+  ema.copy_(out.scalar_type() == at::kDouble && E != at::kFloat && E != at::kDouble ? out.to(at::kFloat) : out);
+}
+
+}  // namespace
+
 void ema_update_aten(const at::Tensor& ema, const at::Tensor& model, const EmaCall& call) {
+  const auto de = ema_dtype(ema.scalar_type()), dm = ema_dtype(model.scalar_type());
+  if (!fast_math_pair(*de, *dm)) return seed_steps_aten(ema, model, call);
   const auto op = ema.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor work = ema.scalar_type() == op ? ema : ema.to(op);
   const at::Tensor m = model.to(op);

@@ -11,16 +11,28 @@
 
 namespace torchutils_ext {
 
+// One product / one sum, rounded once (never fused, also where the compiler could).
 template <typename O>
-TUE_HD O ema_yolov5(O v, O m, O d, O omd) {
+TUE_HD O mul_rn(O a, O b) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(O) == 4) return __fadd_rn(__fmul_rn(v, d), __fmul_rn(omd, m));
-  else return __dadd_rn(__dmul_rn(v, d), __dmul_rn(omd, m));
+  if constexpr (sizeof(O) == 4) return __fmul_rn(a, b); else return __dmul_rn(a, b);
 #else
-  const O a = v * d;
-  const O b = omd * m;
+  return a * b;
+#endif
+}
+
+template <typename O>
+TUE_HD O add_rn(O a, O b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(O) == 4) return __fadd_rn(a, b); else return __dadd_rn(a, b);
+#else
   return a + b;
 #endif
+}
+
+template <typename O>
+TUE_HD O ema_yolov5(O v, O m, O d, O omd) {
+  return add_rn(mul_rn(v, d), mul_rn(omd, m));
 }
 
 // torch.lerp(v, m, w) with w = 1 - d: the form torch uses, exact at both ends of [0, 1].
@@ -28,6 +40,24 @@ template <typename O>
 TUE_HD O ema_lerp(O v, O m, O w) {
   const O diff = m - v;
   return (w < O(0.5) && w > O(-0.5)) ? v + w * diff : m - diff * (O(1) - w);
+}
+
+// The seed's `v *= d; v += (1 - d) * m` step by step, as torch runs it for an EMA of dtype E and a model of
+// dtype M: v * d in E's opmath rounded to E, (1 - d) * m in M's opmath rounded to M, their sum in W (the wider
+// of the two: float or double), stored into E. X<T> gives T's opmath type Op, up(T) -> Op, and down(x): x
+// rounded to T (from double via float for half/bf16, as c10 converts). The CUDA kernel's per-element form; the
+// CPU kernel runs the same steps a block at a time (seed_span in cpu/ema_update.cpp).
+template <template <typename> class X, typename E, typename M, typename W>
+TUE_HD E ema_seed_yolov5(E e, M m, typename X<E>::Op d, typename X<M>::Op omd) {
+  const W a = static_cast<W>(X<E>::up(X<E>::down(mul_rn(X<E>::up(e), d))));
+  const W b = static_cast<W>(X<M>::up(X<M>::down(mul_rn(X<M>::up(m), omd))));
+  return X<E>::down(add_rn(a, b));
+}
+
+// torch.lerp in W, rounded once into E.
+template <template <typename> class X, typename E, typename M, typename W>
+TUE_HD E ema_seed_lerp(E e, M m, W w) {
+  return X<E>::down(ema_lerp<W>(static_cast<W>(X<E>::up(e)), static_cast<W>(X<M>::up(m)), w));
 }
 
 }  // namespace torchutils_ext

@@ -3,6 +3,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../common/ema_args.h"
 #include "../common/ema_math.h"
 #include "../common/inplace.h"
@@ -12,53 +19,180 @@ namespace torchutils_ext {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per work item: big enough to amortise, small enough to balance
+constexpr int kBlock = 256;          // elements per step of the seed-rounding pairs: buffers that stay in L1
+
+// Element types as the CPU sees them: opmath type, widening, and rounding (from double via float for half and
+// bf16, as c10 converts).
+template <typename T>
+struct Cpu {
+  using Op = float;
+  static float up(T x) { return static_cast<float>(x); }
+  static T down(float x) { return static_cast<T>(x); }
+  static T down(double x) { return static_cast<T>(static_cast<float>(x)); }
+};
+template <>
+struct Cpu<double> {
+  using Op = double;
+  static double up(double x) { return x; }
+  static double down(double x) { return x; }
+};
+template <>
+struct Cpu<float> {
+  using Op = float;
+  static float up(float x) { return x; }
+  static float down(float x) { return x; }
+  static float down(double x) { return static_cast<float>(x); }
+};
 
 // The span is walked as two halves side by side: one core keeps more misses in flight over four streams
 // (two per tensor) than over two. C++ microbenchmark, 7.2M fp32 elements (yolov5s) after a 128 MiB flush:
 // 1.98 ms one pass, 1.71 ms two halves (four halves: no better), `e += m`: 1.84 ms.
-template <typename E, typename M, typename O>
-TUE_ALWAYS_INLINE void ema_span_body(void* e_, const void* m_, int64_t n, O d, O omd, bool lerp) {
+template <typename E, typename M, typename F>
+TUE_ALWAYS_INLINE void walk_halves(void* e_, const void* m_, int64_t n, F f) {
   E* __restrict__ e0 = static_cast<E*>(e_);
   const M* __restrict__ m0 = static_cast<const M*>(m_);
   const int64_t h = n / 2;
   E* __restrict__ e1 = e0 + h;  // disjoint from e0[0, h): the restrict promise holds
   const M* __restrict__ m1 = m0 + h;
-  if (lerp) {
-    for (int64_t i = 0; i < h; ++i) {
-      e0[i] = static_cast<E>(ema_lerp<O>(static_cast<O>(e0[i]), static_cast<O>(m0[i]), omd));
-      e1[i] = static_cast<E>(ema_lerp<O>(static_cast<O>(e1[i]), static_cast<O>(m1[i]), omd));
-    }
-    if (n & 1) e1[h] = static_cast<E>(ema_lerp<O>(static_cast<O>(e1[h]), static_cast<O>(m1[h]), omd));
-  } else {
-    for (int64_t i = 0; i < h; ++i) {
-      e0[i] = static_cast<E>(ema_yolov5<O>(static_cast<O>(e0[i]), static_cast<O>(m0[i]), d, omd));
-      e1[i] = static_cast<E>(ema_yolov5<O>(static_cast<O>(e1[i]), static_cast<O>(m1[i]), d, omd));
-    }
-    if (n & 1) e1[h] = static_cast<E>(ema_yolov5<O>(static_cast<O>(e1[h]), static_cast<O>(m1[h]), d, omd));
+  for (int64_t i = 0; i < h; ++i) {
+    e0[i] = f(e0[i], m0[i]);
+    e1[i] = f(e1[i], m1[i]);
+  }
+  if (n & 1) e1[h] = f(e1[h], m1[h]);
+}
+
+// Block conversions between elements and their opmath values, in loops the compiler vectorises; with F16C a
+// half block converts 8 at a time (c10's software conversion is several times slower and stops vectorisation).
+// The same rounding either way: to nearest even.
+#if TUE_SIMD_X86
+// The first n - n % 8 elements; returns how many were done.
+TUE_TARGET_AVX2_F16C inline int half_to_float_f16c(const at::Half* p, float* out, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  return i;
+}
+
+TUE_TARGET_AVX2_F16C inline int float_to_half_f16c(const float* in, at::Half* p, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return i;
+}
+#endif
+
+template <bool F16C, typename T>
+TUE_ALWAYS_INLINE void load_block(const T* p, typename Cpu<T>::Op* out, int n) {
+  int i = 0;
+#if TUE_SIMD_X86
+  if constexpr (F16C && std::is_same_v<T, at::Half>) i = half_to_float_f16c(p, out, n);
+#endif
+  for (; i < n; ++i) out[i] = Cpu<T>::up(p[i]);
+}
+
+template <bool F16C, typename T>
+TUE_ALWAYS_INLINE void store_block(const typename Cpu<T>::Op* in, T* p, int n) {
+  int i = 0;
+#if TUE_SIMD_X86
+  if constexpr (F16C && std::is_same_v<T, at::Half>) i = float_to_half_f16c(in, p, n);
+#endif
+  for (; i < n; ++i) p[i] = Cpu<T>::down(in[i]);
+}
+
+// x rounded to T's precision, kept in T's opmath type.
+template <bool F16C, typename T>
+TUE_ALWAYS_INLINE void round_block(typename Cpu<T>::Op* x, int n) {
+  if constexpr (!std::is_same_v<T, typename Cpu<T>::Op>) {
+    alignas(64) T tmp[kBlock];
+    store_block<F16C, T>(x, tmp, n);
+    load_block<F16C, T>(tmp, x, n);
   }
 }
 
-template <typename E, typename M, typename O>
-TUE_TARGET_AVX2 void ema_span_avx2(void* e, const void* m, int64_t n, O d, O omd, bool lerp) {
-  ema_span_body<E, M, O>(e, m, n, d, omd, lerp);
+// The ten seed-rounding pairs (ema_seed_yolov5 / ema_seed_lerp in ema_math.h, step by step), a block at a time
+// through buffers in L1: each step is a plain loop over one type.
+template <bool F16C, typename E, typename M, typename W>
+TUE_ALWAYS_INLINE void seed_span(E* e, const M* m, int64_t n, double d, double omd, bool lerp) {
+  using OE = typename Cpu<E>::Op;
+  using OM = typename Cpu<M>::Op;
+  const OE de = static_cast<OE>(d);
+  const OM om = static_cast<OM>(omd);
+  const W w = static_cast<W>(omd);
+  alignas(64) OE a[kBlock];
+  alignas(64) OM b[kBlock];
+  alignas(64) W s[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int k = static_cast<int>(std::min<int64_t>(kBlock, n - i0));
+    load_block<F16C, E>(e + i0, a, k);
+    load_block<F16C, M>(m + i0, b, k);
+    if (lerp) {
+      for (int i = 0; i < k; ++i) s[i] = ema_lerp<W>(static_cast<W>(a[i]), static_cast<W>(b[i]), w);
+    } else {
+      for (int i = 0; i < k; ++i) a[i] = mul_rn(a[i], de);
+      round_block<F16C, E>(a, k);
+      for (int i = 0; i < k; ++i) b[i] = mul_rn(b[i], om);
+      round_block<F16C, M>(b, k);
+      for (int i = 0; i < k; ++i) s[i] = add_rn(static_cast<W>(a[i]), static_cast<W>(b[i]));
+    }
+    for (int i = 0; i < k; ++i) a[i] = static_cast<OE>(s[i]);  // double -> float first, as c10 converts
+    store_block<F16C, E>(a, e + i0, k);
+  }
 }
 
-template <typename E, typename M, typename O>
-void ema_span(void* e, const void* m, int64_t n, O d, O omd, bool lerp) {
-  if (cpu_has_avx2()) return ema_span_avx2<E, M, O>(e, m, n, d, omd, lerp);
-  ema_span_body<E, M, O>(e, m, n, d, omd, lerp);
+// d and 1 - d arrive as float64 (the seed's Python floats) and are rounded here to the opmath each step uses.
+template <bool F16C, typename E, typename M>
+TUE_ALWAYS_INLINE void ema_span_body(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
+  // the six fast_math_pair pairs (ema_kind.h): one opmath, one rounding into E
+  if constexpr (std::is_same_v<E, M> || (std::is_same_v<E, float> && !std::is_same_v<M, double>)) {
+    using O = typename Cpu<E>::Op;
+    const O od = static_cast<O>(d), oo = static_cast<O>(omd);
+    if (lerp)
+      walk_halves<E, M>(e, m, n, [=](E v, M x) {
+        return static_cast<E>(ema_lerp<O>(static_cast<O>(v), static_cast<O>(x), oo));
+      });
+    else
+      walk_halves<E, M>(e, m, n, [=](E v, M x) {
+        return static_cast<E>(ema_yolov5<O>(static_cast<O>(v), static_cast<O>(x), od, oo));
+      });
+  } else {
+    using W = std::conditional_t<std::is_same_v<E, double> || std::is_same_v<M, double>, double, float>;
+    seed_span<F16C, E, M, W>(static_cast<E*>(e), static_cast<const M*>(m), n, d, omd, lerp);
+  }
+}
+
+template <typename E, typename M>
+TUE_TARGET_AVX2_F16C void ema_span_avx2(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
+  ema_span_body<true, E, M>(e, m, n, d, omd, lerp);
+}
+
+template <typename E, typename M>
+void ema_span(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
+  if (cpu_has_avx2_f16c()) return ema_span_avx2<E, M>(e, m, n, d, omd, lerp);
+  ema_span_body<false, E, M>(e, m, n, d, omd, lerp);
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void with_dtype(EmaDtype t, F&& f) {
+  switch (t) {
+    case EmaDtype::F32: return f(Tag<float>{});
+    case EmaDtype::F16: return f(Tag<at::Half>{});
+    case EmaDtype::BF16: return f(Tag<at::BFloat16>{});
+    case EmaDtype::F64: return f(Tag<double>{});
+  }
 }
 
 void ema_dispatch(EmaKind k, void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
-  const float df = static_cast<float>(d), of = static_cast<float>(omd);
-  switch (k) {
-    case EmaKind::F32_F32: return ema_span<float, float, float>(e, m, n, df, of, lerp);
-    case EmaKind::F32_F16: return ema_span<float, at::Half, float>(e, m, n, df, of, lerp);
-    case EmaKind::F32_BF16: return ema_span<float, at::BFloat16, float>(e, m, n, df, of, lerp);
-    case EmaKind::F16_F16: return ema_span<at::Half, at::Half, float>(e, m, n, df, of, lerp);
-    case EmaKind::BF16_BF16: return ema_span<at::BFloat16, at::BFloat16, float>(e, m, n, df, of, lerp);
-    case EmaKind::F64_F64: return ema_span<double, double, double>(e, m, n, d, omd, lerp);
-  }
+  with_dtype(ema_dtype_of(k), [&](auto et) {
+    with_dtype(model_dtype_of(k), [&](auto mt) {
+      ema_span<typename decltype(et)::type, typename decltype(mt)::type>(e, m, n, d, omd, lerp);
+    });
+  });
 }
 
 struct Work {

@@ -7,9 +7,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TUE_SIMD_X86 1
 #define TUE_TARGET_AVX2 __attribute__((target("avx2")))
+#define TUE_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
 #else
 #define TUE_SIMD_X86 0
 #define TUE_TARGET_AVX2
+#define TUE_TARGET_AVX2_F16C
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -23,6 +25,16 @@ namespace torchutils_ext {
 inline bool cpu_has_avx2() {
 #if TUE_SIMD_X86
   static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// AVX2 and the half <-> float conversion instructions (every AVX2 CPU has both).
+inline bool cpu_has_avx2_f16c() {
+#if TUE_SIMD_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return has;
 #else
   return false;

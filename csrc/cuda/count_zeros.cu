@@ -1,4 +1,4 @@
-// CUDA kernel of count_zeros: every tensor in one launch, integer bit tests, one atomic per warp.
+// CUDA kernel of count_zeros: every tensor in one launch, integer bit tests, one atomic per block.
 #include "launch.h"
 #include "multi_tensor_apply.cuh"
 
@@ -49,14 +49,24 @@ __global__ void __launch_bounds__(kThreads) count_zeros_kernel(const __grid_cons
     case 4: c = count_chunk<uint32_t>((const uint32_t*)p + start, n, (uint32_t)t.mask[k]); break;
     default: c = count_chunk<uint64_t>((const uint64_t*)p + start, n, t.mask[k]); break;
   }
+  // warp sums, then the block's in shared memory: one 64-bit atomic per block
   for (int off = 16; off > 0; off >>= 1) c += __shfl_down_sync(0xffffffffu, c, off);
-  if ((threadIdx.x & 31) == 0 && c) atomicAdd(out, static_cast<unsigned long long>(c));
+  __shared__ uint32_t warp_sums[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = c;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    c = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0;
+    for (int off = 16; off > 0; off >>= 1) c += __shfl_down_sync(0xffffffffu, c, off);
+    if (threadIdx.x == 0 && c) atomicAdd(out, static_cast<unsigned long long>(c));
+  }
 }
 
-}  // namespace
+constexpr size_t kZeroExtra = 2 * sizeof(void*);
+static_assert(sizeof(ZeroTable<64>) + kZeroExtra <= kSmallParams, "the 64-entry table must fit 4 KB");
+static_assert(sizeof(ZeroTable<1024>) + kZeroExtra <= kLargeParams, "the 1024-entry table must fit 32 KB");
 
-void launch_count_zeros(const ZeroEntry* entries, int n, int64_t* out, cudaStream_t stream) {
-  constexpr int CAP = 1024;
+template <int CAP>
+void launch_cap(const ZeroEntry* entries, int n, int64_t* out, cudaStream_t stream) {
   pack_and_launch<ZeroTable<CAP>, CAP>(
       entries, n,
       [](ZeroTable<CAP>& t, int s, const ZeroEntry& x) {
@@ -68,6 +78,17 @@ void launch_count_zeros(const ZeroEntry* entries, int n, int64_t* out, cudaStrea
       [&](const ZeroTable<CAP>& t, unsigned blocks) {
         count_zeros_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, reinterpret_cast<unsigned long long*>(out));
       });
+}
+
+}  // namespace
+
+void launch_count_zeros(const ZeroEntry* entries, int n, int64_t* out, cudaStream_t stream) {
+  // the smallest table that holds the list (see launch_ema)
+  if (n <= 64 || !large_kernel_params()) return launch_cap<64>(entries, n, out, stream);
+#if TUE_LARGE_PARAMS
+  if (n <= 256) return launch_cap<256>(entries, n, out, stream);
+  launch_cap<1024>(entries, n, out, stream);
+#endif
 }
 
 const char* last_launch_error() {

@@ -2,6 +2,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "../common/ema_kind.h"
 #include "../common/ema_math.h"
 #include "launch.h"
@@ -21,30 +23,65 @@ struct EmaTable {
   int32_t n;
 };
 
-__device__ __forceinline__ float to_op(float x) { return x; }
-__device__ __forceinline__ double to_op(double x) { return x; }
-__device__ __forceinline__ float to_op(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_op(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_op(float x);
-template <> __device__ __forceinline__ float from_op<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_op<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_op<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// Element types as the kernels see them: opmath type, widening, and rounding (from double via float for half
+// and bf16, as c10 converts).
+template <typename T> struct Dev;
+template <> struct Dev<float> {
+  using Op = float;
+  static __device__ __forceinline__ float up(float x) { return x; }
+  static __device__ __forceinline__ float down(float x) { return x; }
+  static __device__ __forceinline__ float down(double x) { return __double2float_rn(x); }
+};
+template <> struct Dev<double> {
+  using Op = double;
+  static __device__ __forceinline__ double up(double x) { return x; }
+  static __device__ __forceinline__ double down(double x) { return x; }
+};
+template <> struct Dev<__half> {
+  using Op = float;
+  static __device__ __forceinline__ float up(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half down(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ __half down(double x) { return __float2half_rn(__double2float_rn(x)); }
+};
+template <> struct Dev<__nv_bfloat16> {
+  using Op = float;
+  static __device__ __forceinline__ float up(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 down(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ __nv_bfloat16 down(double x) { return __float2bfloat16_rn(__double2float_rn(x)); }
+};
 
-template <typename E, typename O>
-__device__ __forceinline__ E store_op(O x) {
-  if constexpr (sizeof(O) == 8) return x; else return from_op<E>(x);
-}
+// The per-element update of one (E, M) pair: the six fast_math_pair pairs (ema_kind.h) in one opmath rounded
+// once into E, the others by the seed's three steps. d and 1 - d arrive as float64 (the seed's Python floats).
+template <typename E, typename M>
+struct EmaOp {
+  static constexpr bool kFast =
+      std::is_same<E, M>::value || (std::is_same<E, float>::value && !std::is_same<M, double>::value);
+  using W = typename std::conditional<std::is_same<E, double>::value || std::is_same<M, double>::value, double,
+                                      float>::type;
+  using O = typename std::conditional<kFast, typename Dev<E>::Op, W>::type;
+  typename Dev<E>::Op d;
+  typename Dev<M>::Op omd;
+  O w;  // 1 - d for lerp
+  bool lerp;
 
-template <typename E, typename M, typename O>
-__device__ __forceinline__ E ema_one(E e, M m, O d, O omd, bool lerp) {
-  const O v = to_op(e), x = to_op(m);
-  return store_op<E, O>(lerp ? ema_lerp<O>(v, x, omd) : ema_yolov5<O>(v, x, d, omd));
-}
+  __device__ __forceinline__ EmaOp(double dd, bool lerp_)
+      : d(static_cast<typename Dev<E>::Op>(dd)), omd(static_cast<typename Dev<M>::Op>(1.0 - dd)),
+        w(static_cast<O>(1.0 - dd)), lerp(lerp_) {}
+
+  __device__ __forceinline__ E operator()(E e, M m) const {
+    if constexpr (kFast) {
+      const O v = Dev<E>::up(e), x = static_cast<O>(Dev<M>::up(m));
+      return Dev<E>::down(lerp ? ema_lerp<O>(v, x, w) : ema_yolov5<O>(v, x, static_cast<O>(d), static_cast<O>(omd)));
+    } else {
+      return lerp ? ema_seed_lerp<Dev, E, M, W>(e, m, w) : ema_seed_yolov5<Dev, E, M, W>(e, m, d, omd);
+    }
+  }
+};
 
 // kChunk-element slice of one pair; 4-wide loads/stores where both pointers allow.
-template <typename E, typename M, typename O>
+template <typename E, typename M>
 __device__ void ema_chunk(E* e, const M* m, int64_t n, double dd, bool lerp) {
-  const O d = static_cast<O>(dd), omd = static_cast<O>(1.0 - dd);
+  const EmaOp<E, M> op(dd, lerp);
   constexpr int V = 4;
   int64_t i0 = 0;
   if (is_aligned<E, V>(e) && is_aligned<M, V>(m)) {
@@ -55,12 +92,27 @@ __device__ void ema_chunk(E* e, const M* m, int64_t n, double dd, bool lerp) {
       Vec<E, V> a = ev[i];
       const Vec<M, V> b = mv[i];
 #pragma unroll
-      for (int j = 0; j < V; ++j) a.v[j] = ema_one<E, M, O>(a.v[j], b.v[j], d, omd, lerp);
+      for (int j = 0; j < V; ++j) a.v[j] = op(a.v[j], b.v[j]);
       ev[i] = a;
     }
     i0 = nv * V;
   }
-  for (int64_t i = i0 + threadIdx.x; i < n; i += blockDim.x) e[i] = ema_one<E, M, O>(e[i], m[i], d, omd, lerp);
+  for (int64_t i = i0 + threadIdx.x; i < n; i += blockDim.x) e[i] = op(e[i], m[i]);
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+__device__ __forceinline__ void with_dtype(EmaDtype t, F&& f) {
+  switch (t) {
+    case EmaDtype::F32: return f(Tag<float>{});
+    case EmaDtype::F16: return f(Tag<__half>{});
+    case EmaDtype::BF16: return f(Tag<__nv_bfloat16>{});
+    case EmaDtype::F64: return f(Tag<double>{});
+  }
 }
 
 template <int CAP>
@@ -73,24 +125,23 @@ ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_
   const double dd = dptr ? (d_is_double ? *static_cast<const double*>(dptr)
                                         : static_cast<double>(*static_cast<const float*>(dptr)))
                          : dval;
-  char* e = static_cast<char*>(t.ema[k]);
-  const char* m = static_cast<const char*>(t.model[k]);
-  switch (static_cast<EmaKind>(t.kind[k])) {
-    case EmaKind::F32_F32:
-      return ema_chunk<float, float, float>((float*)e + start, (const float*)m + start, n, dd, lerp);
-    case EmaKind::F32_F16:
-      return ema_chunk<float, __half, float>((float*)e + start, (const __half*)m + start, n, dd, lerp);
-    case EmaKind::F32_BF16:
-      return ema_chunk<float, __nv_bfloat16, float>((float*)e + start, (const __nv_bfloat16*)m + start, n, dd, lerp);
-    case EmaKind::F16_F16:
-      return ema_chunk<__half, __half, float>((__half*)e + start, (const __half*)m + start, n, dd, lerp);
-    case EmaKind::BF16_BF16:
-      return ema_chunk<__nv_bfloat16, __nv_bfloat16, float>((__nv_bfloat16*)e + start,
-                                                            (const __nv_bfloat16*)m + start, n, dd, lerp);
-    case EmaKind::F64_F64:
-      return ema_chunk<double, double, double>((double*)e + start, (const double*)m + start, n, dd, lerp);
-  }
+  const EmaKind kind = static_cast<EmaKind>(t.kind[k]);
+  void* e = t.ema[k];
+  const void* m = t.model[k];
+  with_dtype(ema_dtype_of(kind), [&](auto et) {
+    with_dtype(model_dtype_of(kind), [&](auto mt) {
+      using E = typename decltype(et)::type;
+      using M = typename decltype(mt)::type;
+      ema_chunk<E, M>(static_cast<E*>(e) + start, static_cast<const M*>(m) + start, n, dd, lerp);
+    });
+  });
 }
+
+// Each table with the kernel's other parameters (and their alignment padding) within the limit it is launched
+// under: 64 entries with any runtime, 256 and 1024 with large parameters only.
+constexpr size_t kEmaExtra = 2 * sizeof(const void*) + 2 * sizeof(double);
+static_assert(sizeof(EmaTable<64>) + kEmaExtra <= kSmallParams, "the 64-entry table must fit 4 KB");
+static_assert(sizeof(EmaTable<1024>) + kEmaExtra <= kLargeParams, "the 1024-entry table must fit 32 KB");
 
 template <int CAP>
 void launch_cap(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
@@ -110,9 +161,12 @@ void launch_cap(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaS
 }  // namespace
 
 void launch_ema(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
-  // Small tables for small lists keep the parameter block (and launch latency) small.
-  if (n <= 64) launch_cap<64>(entries, n, decay, lerp, stream);
-  else launch_cap<1024>(entries, n, decay, lerp, stream);
+  // The smallest table that holds the list: a smaller parameter block to copy per launch.
+  if (n <= 64 || !large_kernel_params()) return launch_cap<64>(entries, n, decay, lerp, stream);
+#if TUE_LARGE_PARAMS
+  if (n <= 256) return launch_cap<256>(entries, n, decay, lerp, stream);
+  launch_cap<1024>(entries, n, decay, lerp, stream);
+#endif
 }
 
 }  // namespace cuda

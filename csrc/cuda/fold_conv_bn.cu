@@ -11,8 +11,8 @@ namespace torchutils_ext {
 namespace cuda {
 namespace {
 
-constexpr int CAP = 256;  // FoldEntry-sized slots that fit the 32 KB parameter limit
-
+// FoldEntry-sized slots: 32 fit the 4 KB parameter limit, 256 the 32 KB one
+template <int CAP>
 struct FoldTable {
   FoldEntry e[CAP];
   int32_t block_start[CAP + 1];
@@ -38,8 +38,11 @@ __device__ __forceinline__ O scale_of(const FoldEntry& f, int64_t c) {
   return fold_scale<O>(f.bn_w ? vec<T, O>(f, f.bn_w, c) : O(1), vec<T, O>(f, f.var, c), static_cast<O>(f.eps));
 }
 
-template <typename T, typename O>
-__global__ void __launch_bounds__(kThreads) fold_kernel(const __grid_constant__ FoldTable t) {
+static_assert(sizeof(FoldTable<32>) <= kSmallParams, "the 32-entry table must fit 4 KB");
+static_assert(sizeof(FoldTable<256>) <= kLargeParams, "the 256-entry table must fit 32 KB");
+
+template <typename T, typename O, int CAP>
+__global__ void __launch_bounds__(kThreads) fold_kernel(const __grid_constant__ FoldTable<CAP> t) {
   const int k = entry_of_block(t.block_start, t.n);
   const FoldEntry& f = t.e[k];
   const int64_t chunk = blockIdx.x - t.block_start[k];
@@ -61,11 +64,19 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(const __grid_constant__ 
   }
 }
 
+template <typename T, typename O, int CAP>
+void launch_cap(const FoldEntry* entries, int n, cudaStream_t stream) {
+  pack_and_launch<FoldTable<CAP>, CAP>(
+      entries, n, [](FoldTable<CAP>& t, int s, const FoldEntry& x) { t.e[s] = x; },
+      [&](const FoldTable<CAP>& t, unsigned blocks) { fold_kernel<T, O, CAP><<<blocks, kThreads, 0, stream>>>(t); });
+}
+
 template <typename T, typename O>
 void launch_typed(const FoldEntry* entries, int n, cudaStream_t stream) {
-  pack_and_launch<FoldTable, CAP>(
-      entries, n, [](FoldTable& t, int s, const FoldEntry& x) { t.e[s] = x; },
-      [&](const FoldTable& t, unsigned blocks) { fold_kernel<T, O><<<blocks, kThreads, 0, stream>>>(t); });
+  if (n <= 32 || !large_kernel_params()) return launch_cap<T, O, 32>(entries, n, stream);
+#if TUE_LARGE_PARAMS
+  launch_cap<T, O, 256>(entries, n, stream);
+#endif
 }
 
 }  // namespace

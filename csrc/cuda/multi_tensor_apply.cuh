@@ -1,11 +1,12 @@
 // One launch over a list of tensors. The table (pointers, sizes, each entry's first block) travels in the
-// kernel's parameters (up to 32 KB since CUDA 12.1 on sm_70+), so no host-to-device copy and no sync is
-// needed, and the launch can be captured in a CUDA graph. Each block handles kChunk elements of one entry and
+// kernel's parameters (up to 32 KB since CUDA 12.1 on sm_70+, else 4 KB), so no host-to-device copy and no sync
+// is needed, and the launch can be captured in a CUDA graph. Each block handles kChunk elements of one entry and
 // finds that entry by binary search over the prefix sums of blocks per entry.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 
 namespace torchutils_ext {
@@ -23,6 +24,32 @@ __device__ __forceinline__ int entry_of_block(const int32_t* starts, int n) {
     if (starts[mid] <= b) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// Kernel parameter limits: the classic 4 KB, and 32 KB (less 4 bytes) with a CUDA 12.1+ runtime and driver.
+constexpr size_t kSmallParams = 4096;
+constexpr size_t kLargeParams = 32764;
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+#define TUE_LARGE_PARAMS 1
+#else
+#define TUE_LARGE_PARAMS 0
+#endif
+
+// Whether this process may launch with large parameter tables: runtime and driver both 12.1+ (every arch this
+// package builds is sm_75+), asked once like ATen's supports_large_kernel_arg(). TORCHUTILS_EXT_SMALL_PARAMS=1
+// forces the small tables (tests of the fallback on a new driver).
+inline bool large_kernel_params() {
+  static const bool ok = [] {
+    const char* force = std::getenv("TORCHUTILS_EXT_SMALL_PARAMS");
+    if (!TUE_LARGE_PARAMS || (force && force[0] == '1')) return false;
+    int runtime = 0, driver = 0;
+    if (cudaRuntimeGetVersion(&runtime) != cudaSuccess || cudaDriverGetVersion(&driver) != cudaSuccess) {
+      cudaGetLastError();  // clear it: the next launch must not report this
+      return false;
+    }
+    return runtime >= 12010 && driver >= 12010;
+  }();
+  return ok;
 }
 
 inline int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }

@@ -1,5 +1,6 @@
 // CUDA registrations: validate (shared with CPU), build the plain-data tables, launch on the current stream.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -24,10 +25,22 @@ void check_cuda(at::TensorList ts, const char* op) {
                       "; the CUDA kernel takes CUDA tensors only");
 }
 
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   if (ema.empty()) return;
   check_cuda(ema, "ema_update_");
   const c10::cuda::CUDAGuard guard(ema[0].device());
+  // A CPU decay tensor would be read once on the host (its value frozen into the graph), and the strided pairs
+  // would copy it to the device (a sync, which breaks the capture): refused before anything is written.
+  TORCH_CHECK_VALUE(!(call.decay_tensor && !call.decay_tensor->is_cuda() &&
+                      capturing(c10::cuda::getCurrentCUDAStream().stream())),
+                    "ema_update_: a CPU decay tensor cannot be used while the current CUDA stream is being captured "
+                    "into a graph (its value would be frozen); pass the decay as a CUDA tensor");
   cuda::EmaDecay d{nullptr, false, call.decay};
   if (call.decay_tensor.has_value()) {
     if (call.decay_tensor->is_cuda()) {
@@ -62,7 +75,9 @@ at::Tensor count_zeros_cuda(at::TensorList tensors) {
   check_cuda(tensors, "count_zeros");
   TORCH_CHECK_VALUE(!tensors.empty(), "count_zeros: empty list on the CUDA kernel");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
-  at::Tensor out = at::zeros({}, tensors[0].options().dtype(at::kLong));
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor out = at::empty({}, tensors[0].options().dtype(at::kLong));
+  C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, sizeof(int64_t), stream));  // no fill kernel
   std::vector<cuda::ZeroEntry> entries;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
@@ -75,8 +90,7 @@ at::Tensor count_zeros_cuda(at::TensorList tensors) {
       out.add_(t.eq(0).sum());  // eq serves more dtypes than count_nonzero
     }
   }
-  cuda::launch_count_zeros(entries.data(), static_cast<int>(entries.size()), out.data_ptr<int64_t>(),
-                           c10::cuda::getCurrentCUDAStream().stream());
+  cuda::launch_count_zeros(entries.data(), static_cast<int>(entries.size()), out.data_ptr<int64_t>(), stream);
   check_launch("count_zeros");
   return out;
 }
