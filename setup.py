@@ -39,7 +39,7 @@ def _find_cuda_home():
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 def _extensions():
@@ -65,8 +65,9 @@ def _extensions():
     # torch picks the C++ standard (17 or 20 by version). -ffp-contract=off keeps the "yolov5" EMA mode
     # bit-exact (no FMA); -g0 halves compile time.
     cxx = ['-O3', '-g0', '-ffp-contract=off', '-fno-math-errno']
-    srcs = (_sources('csrc/ops.cpp') + _sources('csrc/common/*.cpp') + _sources('csrc/cpu/*.cpp') +
-            _sources('csrc/ema_update/*.cpp') + _sources('csrc/python/*.cpp'))
+    # one folder per op (validation, CPU kernel, CUDA glue *_cuda.cpp and kernel *.cu) plus common/ and python/
+    cpp = _sources('csrc/**/*.cpp')
+    srcs = [p for p in cpp if not p.endswith('_cuda.cpp')]
     include_dirs = [os.path.join(ROOT, 'csrc')]
     build_info = {'ext': True, 'cuda': use_cuda, 'torch_built_with': torch.__version__, 'cuda_version': torch.version.cuda
                   if use_cuda else None, 'cuda_arch_list': None}
@@ -93,7 +94,7 @@ def _extensions():
         if os.path.isdir(inc):
             late_includes += ['-idirafter', inc]
     cxx += late_includes
-    srcs += _sources('csrc/cuda/*.cpp') + _sources('csrc/cuda/*.cu')
+    srcs += [p for p in cpp if p.endswith('_cuda.cpp')] + _sources('csrc/**/*.cu')
     nvcc = ['-O3', '--fmad=false', '-lineinfo', '--expt-relaxed-constexpr']
     ext = cpp_extension.CUDAExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
                                       define_macros=[('TORCHUTILS_EXT_WITH_CUDA', '1')],

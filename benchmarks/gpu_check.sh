@@ -48,10 +48,8 @@ quick)
       echo "$f rc=$?" | tee -a "$LOG"
     done
   fi
-  if [ -f ../shared/tools/gpu_probe.py ]; then
-    echo "== gpu_probe" >> "$LOG"
-    timeout 240 $PY ../shared/tools/gpu_probe.py 2>&1 | tee -a "$LOG" | tail -25
-  fi
+  echo "== benchmarks/gpu_probe.py" >> "$LOG"
+  timeout 240 $PY benchmarks/gpu_probe.py 2>&1 | tee -a "$LOG" | tail -25
   ;;
 bench)
   LOG="$OUT/bench.log"

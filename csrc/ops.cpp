@@ -1,11 +1,13 @@
-// Op schemas of the torchutils_ext library; kernels register per device in cpu/ and cuda/, the _C module's
-// Python functions live in python/.
+// Op schemas of the torchutils_ext library. Each op's folder (ema_update/, fold_conv_bn/, count_zeros/) holds its
+// validation, its CPU kernel, its CUDA kernel and glue; the _C module's Python functions live in python/.
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchutils_ext, m) {
-  // ema[i] = d * ema[i] + (1 - d) * model[i] for every i; decay_tensor (0-d, on device) overrides decay.
-  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay, Tensor? decay_tensor=None, "
-        "str formula=\"yolov5\") -> ()");
+  // ema[i] = d * ema[i] + (1 - d) * model[i] for every i; the decay a float, or a 0-d float32/float64 tensor
+  // read on the device (no host sync, and a captured graph sees its current value). NOTE: the mode is named
+  // ema_mode here because torch's functionalization wrapper (torch.compile) takes a keyword named `mode`.
+  m.def("ema_update_.Scalar(Tensor(a!)[] ema, Tensor[] model, float decay, str ema_mode=\"yolov5\") -> ()");
+  m.def("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay, str ema_mode=\"yolov5\") -> ()");
   // Elements equal to zero over all tensors, as a 0-d int64 tensor on their device.
   m.def("count_zeros(Tensor[] tensors) -> Tensor");
   // Fold BatchNorm into the preceding conv/linear for many layers; transposed_groups[i] = groups of a

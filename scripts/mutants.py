@@ -46,8 +46,9 @@ MUTANTS = [
      "{len(ema)} vs {len(model)}')", '        pass'),
     ('overlap check never finds overlap', 'torchutils_ext/_validate.py', 'def _shared(writes, reads=()):',
      'def _shared(writes, reads=()):\n    return False\n\n\ndef _unused_shared(writes, reads=()):'),
-    ('slot check always says current', 'torchutils_ext/ema.py',
-     '    def _same_slots(self) -> bool:', '    def _same_slots(self) -> bool:\n        return True\n\n    def _unused(self):'),
+    ('slot check always says current', 'torchutils_ext/_ema_plan.py',
+     '    def current(self, ema, model) -> bool:',
+     '    def current(self, ema, model) -> bool:\n        return True\n\n    def _unused(self, ema, model):'),
     ('sparsity divides by the parameter count, not the element count', 'torchutils_ext/sparsity.py',
      'return _zeros(params) / sum(p.numel() for p in params)', 'return _zeros(params) / len(params)'),
 ]

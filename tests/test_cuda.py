@@ -26,7 +26,7 @@ SHAPES = [(3,), (17, 5), (64, 32, 3, 3), (1,), (100003,), (2, 3, 4, 5), (8192 * 
 
 
 def test_kernels_registered_for_cuda():
-    for op in ('ema_update_', 'count_zeros', 'fold_conv_bn', 'fold_conv_bn_'):
+    for op in ('ema_update_.Scalar', 'ema_update_.Tensor', 'count_zeros', 'fold_conv_bn', 'fold_conv_bn_'):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f'torchutils_ext::{op}', 'CUDA'), op
 
 
@@ -74,11 +74,11 @@ def test_ema_decay_tensor_in_cuda_graph():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up outside capture
-        torch.ops.torchutils_ext.ema_update_(ema, model, 0.0, decay, 'yolov5')
+        torch.ops.torchutils_ext.ema_update_(ema, model, decay, 'yolov5')
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        torch.ops.torchutils_ext.ema_update_(ema, model, 0.0, decay, 'yolov5')
+        torch.ops.torchutils_ext.ema_update_(ema, model, decay, 'yolov5')
     # the warm-up ran once with 0.5 (capture does not run kernels); replays read the tensor's new values
     ref_vals = [0.5]
     for d in (0.25, 0.875):  # exact in float32, so the Python-float reference uses the same d and 1 - d
@@ -121,7 +121,7 @@ def test_ema_plan_on_cuda_matches_cpu_and_captures():
     cpu_e, cpu_m = [t.cpu() for t in ema], [t.cpu() for t in model]
     plan = _ema_plan.make_plan(ema, model, 'yolov5')
     assert type(plan).__name__ == 'CompiledPlan' and plan.step(ema, model, 0.75)
-    torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.75, None, 'yolov5')
+    torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.75, 'yolov5')
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
     decay = torch.tensor(0.5, device='cuda')
     s = torch.cuda.Stream()
@@ -136,14 +136,14 @@ def test_ema_plan_on_cuda_matches_cpu_and_captures():
     graph.replay()
     torch.cuda.synchronize()
     for d in (0.5, 0.25):
-        torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, d, None, 'yolov5')
+        torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, d, 'yolov5')
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
     model[1].data = model[1].data.bfloat16()
     assert not plan.step(ema, model, 0.5)
     plan = _ema_plan.make_plan(ema, model, 'yolov5')
     assert plan.step(ema, model, 0.5)
     cpu_m[1] = model[1].cpu()
-    torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.5, None, 'yolov5')
+    torch.ops.torchutils_ext.ema_update_(cpu_e, cpu_m, 0.5, 'yolov5')
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ema, cpu_e))
 
 
@@ -187,7 +187,8 @@ def test_fuse_model_yolov5s_on_cuda():
 
 def test_opcheck_cuda():
     e, m = make([(5,), (4, 3)], torch.float32, 10), make([(5,), (4, 3)], torch.bfloat16, 11)
-    torch.library.opcheck(torch.ops.torchutils_ext.ema_update_.default, (e, m, 0.9, None, 'yolov5'))
+    torch.library.opcheck(torch.ops.torchutils_ext.ema_update_.Scalar, (e, m, 0.9, 'yolov5'))
+    torch.library.opcheck(torch.ops.torchutils_ext.ema_update_.Tensor, (e, m, torch.tensor(0.9, device='cuda'), 'yolov5'))
     torch.library.opcheck(torch.ops.torchutils_ext.count_zeros.default, ([e[0], m[1]],))
 
 
@@ -280,7 +281,7 @@ def test_cpu_decay_tensor_refused_while_capturing():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(ValueError, match='CPU decay tensor'):
         with torch.cuda.graph(graph, stream=s):
-            torch.ops.torchutils_ext.ema_update_(ema, model, 0.0, decay, 'yolov5')
+            torch.ops.torchutils_ext.ema_update_(ema, model, decay, 'yolov5')
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(ema, before))
 
@@ -304,3 +305,22 @@ def test_fold_inplace_low_and_double_precision_matches_cpu_kernel(dtype, layers)
                                      inplace=True)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(w_gpu, weight))
     assert all(torch.equal(a.cpu(), b) for a, b in zip(b_gpu, b_cpu))
+
+
+@pytest.mark.slow
+def test_ema_past_2_31_elements_and_count_zeros_past_2_32():
+    """Element indices past int32 (17 GB of fp32 for the EMA, 4 GB of bytes for the count): 64-bit offsets in
+    both kernels."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 << 30:
+        pytest.skip('needs 24 GB of free GPU memory')
+    n = 2 ** 31 + 3
+    e, m = torch.zeros(n, device='cuda'), torch.ones(n, device='cuda')
+    torch.ops.torchutils_ext.ema_update_([e], [m], 0.5, 'yolov5')
+    assert bool((e == 0.5).all()) and e[-1].item() == 0.5
+    del e, m
+    z = torch.zeros(2 ** 32 + 10, dtype=torch.uint8, device='cuda')
+    z[-1] = 1
+    assert int(_ops.count_zeros([z])) == 2 ** 32 + 9
+    del z
+    torch.cuda.empty_cache()

@@ -72,8 +72,8 @@ def test_both_backends_agree_bitwise_on_mixed_dtypes():
     for edt, mdt in [(torch.float32, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float16)]:
         a, model = make(SHAPES, edt, 7), make(SHAPES, mdt, 8)
         b = snapshot(a)
-        torch.ops.torchutils_ext.ema_update_(a, model, 0.9, None, 'yolov5')
-        _reference.ema_update_(b, model, 0.9, None, 'yolov5')
+        torch.ops.torchutils_ext.ema_update_(a, model, 0.9, 'yolov5')
+        _reference.ema_update_(b, model, 0.9, 'yolov5')
         assert all(torch.equal(x, y) for x, y in zip(a, b)), (edt, mdt)
 
 
@@ -172,11 +172,13 @@ def test_bad_decay_and_mode(backend, decay, exc):
 def test_opcheck():
     if not _ops.COMPILED:
         pytest.skip('compiled ops not built')
-    op = torch.ops.torchutils_ext.ema_update_.default
+    op = torch.ops.torchutils_ext.ema_update_
     e, m = make([(5,), (4, 3)], seed=17), make([(5,), (4, 3)], seed=18)
-    torch.library.opcheck(op, (e, m, 0.9, None, 'yolov5'))
-    torch.library.opcheck(op, (e, [x.bfloat16() for x in m], 0.5, None, 'lerp'))
-    torch.library.opcheck(op, (e, m, 0.0, torch.tensor(0.7), 'yolov5'))
+    torch.library.opcheck(op.Scalar, (e, m, 0.9, 'yolov5'))
+    torch.library.opcheck(op.Scalar, (e, [x.bfloat16() for x in m], 0.5, 'lerp'))
+    torch.library.opcheck(op.Scalar, ([x.half() for x in e], [x.double() for x in m], 0.5, 'yolov5'))
+    torch.library.opcheck(op.Tensor, (e, m, torch.tensor(0.7), 'yolov5'))
+    torch.library.opcheck(op.Tensor, (e, m, torch.tensor(0.7, dtype=torch.float64), 'lerp'))
 
 
 def test_fullgraph_compile_has_no_graph_break():
@@ -189,7 +191,7 @@ def test_fullgraph_compile_has_no_graph_break():
 
     @torch.compile(fullgraph=True, backend='eager')
     def step(ema, model):
-        torch.ops.torchutils_ext.ema_update_(ema, model, 0.9, None, 'yolov5')
+        torch.ops.torchutils_ext.ema_update_(ema, model, 0.9, 'yolov5')
 
     step(e, m)
     assert all(torch.equal(a, b) for a, b in zip(ref, e))
@@ -268,4 +270,4 @@ def test_fake_kernel_refuses_what_the_kernels_refuse(case):
         e = [torch.empty(3), torch.empty(4)]
         m = [torch.empty(3)] if case == 'length' else [torch.empty(3), torch.empty(5)]
         with pytest.raises(ValueError, match='differ in length' if case == 'length' else 'differ in shape'):
-            torch.ops.torchutils_ext.ema_update_(e, m, 0.5, None, 'yolov5')
+            torch.ops.torchutils_ext.ema_update_(e, m, 0.5, 'yolov5')

@@ -51,12 +51,12 @@ def test_chunked_ema_is_the_seed_formula(monkeypatch, chunk, edt, mdt, mode):
     d = 0.9993
     want = _seed_formula(es, ms, d, mode)
     got = [e.clone() for e in es]
-    _reference.ema_update_(got, ms, d, None, mode)
+    _reference.ema_update_(got, ms, d, mode)
     for w, g in zip(want, got):
         assert torch.equal(w, g)
     if _ops.COMPILED:
         ext = [e.clone() for e in es]
-        torch.ops.torchutils_ext.ema_update_(ext, ms, d, None, mode)
+        torch.ops.torchutils_ext.ema_update_(ext, ms, d, mode)
         # 'lerp': torch.lerp fuses a multiply-add and the kernels round twice, at most one ulp apart (README)
         assert all(ulps(a, b) <= (1 if mode == 'lerp' else 0) for a, b in zip(ext, got))
 
@@ -168,8 +168,8 @@ def test_no_float64_where_the_device_has_none(monkeypatch):
     with _Recorder() as rec:
         _reference.fold_conv_bn(*a)
         _reference.fold_conv_bn([w.clone() for w in a[0]], *a[1:], inplace=True)
-        _reference.ema_update_(es, ms, 0.0, torch.tensor(0.999), 'yolov5')
-        _reference.ema_update_(es, ms, 0.999, None, 'lerp')
+        _reference.ema_update_(es, ms, torch.tensor(0.999), 'yolov5')
+        _reference.ema_update_(es, ms, 0.999, 'lerp')
         _reference.count_zeros(es + ms)
     assert len(rec.seen) > 20
     f64 = [op for op, ts in rec.seen if any(dt == torch.float64 for _, dt in ts)]

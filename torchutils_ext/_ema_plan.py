@@ -196,7 +196,6 @@ def make_plan(ema: nn.Module, model: nn.Module, mode: str):
     if layout.sharded or torch.compiler.is_compiling():
         return FreshListsPlan(layout, mode)
     # use_ext raises for TORCHUTILS_EXT_BACKEND=ext when a device has no kernel
-    if _ops.COMPILED and all([_ops.use_ext('ema_update_', es[0].device) and _ops._kernel_takes(es, ms)
-                              for es, ms in layout.groups]):
+    if _ops.COMPILED and all([_ops.use_ext('ema_update_', es[0].device) for es, _ in layout.groups]):
         return CompiledPlan(layout, mode)
     return TorchPlan(layout, mode)

@@ -14,7 +14,7 @@ import torch
 
 from . import _cuda_arch, _reference
 from ._load import build_info, load_compiled
-from ._validate import EMA_DTYPES, KERNEL_PAIRS, tensor_list
+from ._validate import tensor_list
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
 BACKENDS = ('auto', 'ext', 'torch')
@@ -54,6 +54,9 @@ def use_backend(name: str):
         set_backend(prev)
 
 
+_SCHEMA_NAMES = {'ema_update_': 'ema_update_.Scalar'}  # the overload whose registration stands for the op
+
+
 def _kernel_table():
     """{(op, device type): has a compiled kernel}, read once: the registrations do not change after the load, and
     a plain dict lookup is what torch.compile can trace (the dispatcher query is not)."""
@@ -61,7 +64,7 @@ def _kernel_table():
     for op in OPS:
         for device_type, key in (('cpu', 'CPU'), ('cuda', 'CUDA')):
             table[(op, device_type)] = COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(
-                f'torchutils_ext::{op}', key)
+                f'torchutils_ext::{_SCHEMA_NAMES.get(op, op)}', key)
     return table
 
 
@@ -101,18 +104,20 @@ def backend_info() -> dict:
 
 
 if COMPILED:
-    @torch.library.register_fake('torchutils_ext::ema_update_')
-    def _ema_fake(ema, model, decay, decay_tensor=None, formula='yolov5'):
+    def _ema_fake(ema, model, decay, ema_mode='yolov5'):
         # what can be checked without data: the compiled kernels check the rest
         if len(ema) != len(model):
             raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
         for i, (e, m) in enumerate(zip(ema, model)):
             if e.shape != m.shape or e.device != m.device or e.device != ema[0].device:
                 raise ValueError(f'ema[{i}] and model[{i}] differ in shape or device')
-        if decay_tensor is not None and len(ema) and decay_tensor.device not in (ema[0].device, torch.device('cpu')):
+        if isinstance(decay, torch.Tensor) and len(ema) and decay.device not in (ema[0].device, torch.device('cpu')):
             # a meta decay tensor beside real lists lands here in eager mode: refuse, do not skip the update
-            raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {ema[0].device}')
+            raise ValueError(f'decay tensor is on {decay.device}, the tensors on {ema[0].device}')
         return None
+
+    torch.library.register_fake('torchutils_ext::ema_update_.Scalar')(_ema_fake)
+    torch.library.register_fake('torchutils_ext::ema_update_.Tensor')(_ema_fake)
 
     @torch.library.register_fake('torchutils_ext::count_zeros')
     def _count_fake(tensors):
@@ -165,23 +170,13 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
         raise TypeError(f'decay must be a float or a 0-d tensor, got {type(d).__name__}')
     ema, model = tensor_list('ema', ema), tensor_list('model', model)  # TypeError, not the dispatcher's error
     with torch.no_grad():
-        if len(ema) and use_ext('ema_update_', _device_of(ema)) and _kernel_takes(ema, model):
-            _lib.ema_update_(ema, model, d, decay_tensor, mode)
+        if len(ema) and use_ext('ema_update_', _device_of(ema)):
+            if decay_tensor is not None:
+                _lib.ema_update_.Tensor(ema, model, decay_tensor, mode)
+            else:
+                _lib.ema_update_.Scalar(ema, model, d, mode)
         else:
-            _reference.ema_update_(ema, model, d, decay_tensor, mode)
-
-
-def _kernel_takes(ema, model) -> bool:
-    """Whether every (ema, model) dtype pair has a compiled kernel; the other float pairs the seed's formula
-    takes run on the pure-torch path (TORCHUTILS_EXT_BACKEND=ext: a RuntimeError naming the pair)."""
-    for e, m in zip(ema, model):
-        pair = (e.dtype, m.dtype)
-        if pair not in KERNEL_PAIRS and all(dt in EMA_DTYPES for dt in pair):
-            if _backend == 'ext':
-                raise RuntimeError(f'TORCHUTILS_EXT_BACKEND=ext but the compiled ema_update_ has no kernel for a '
-                                   f'{pair[0]} EMA of a {pair[1]} model; the pure-torch path serves that pair')
-            return False
-    return True  # other dtypes: the kernel's own checks name the problem
+            _reference.ema_update_(ema, model, decay, mode)
 
 
 def count_zeros(tensors) -> torch.Tensor:

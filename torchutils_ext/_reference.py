@@ -35,12 +35,13 @@ def _decay_pair(decay, decay_tensor):
     return d, 1.0 - d
 
 
-def ema_update_(ema, model, decay: float = 0.0, decay_tensor=None, mode: str = 'yolov5') -> None:
-    """ema[i] = decay * ema[i] + (1 - decay) * model[i], in place, math in fp32 (fp64 for fp64 EMA).
+def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
+    """ema[i] = decay * ema[i] + (1 - decay) * model[i], in place; ``decay`` a float or a 0-d tensor.
 
     mode 'yolov5': ``v *= d; v += (1 - d) * m`` with each product and the sum rounded once (no FMA).
-    mode 'lerp': ``torch.lerp(v, m, 1 - d)``.
+    mode 'lerp': ``torch.lerp(v, m, 1 - d)``. Per dtype pair, the kernels' rounding (see ``_Group``).
     """
+    decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
     check_ema_args(ema, model, decay, decay_tensor, mode)
     EmaGroups(ema, model).apply(decay, decay_tensor, mode)
 

@@ -10,11 +10,10 @@ import math
 import torch
 
 EMA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# (ema dtype, model dtype) pairs the compiled kernels take: every float pair
-KERNEL_PAIRS = frozenset((e, m) for e in EMA_DTYPES for m in EMA_DTYPES)
-# the pairs computed with the seed's own three rounding steps (each product in its operand's dtype, the sum in
-# the wider one); the other six compute in fp32 (fp64 for fp64/fp64) and round once into the EMA
-SEED_ROUNDING_PAIRS = KERNEL_PAIRS - {(torch.float32, torch.float32), (torch.float32, torch.float16),
+# Every (ema dtype, model dtype) pair of EMA_DTYPES is taken by both paths. These are computed with the seed's own
+# three rounding steps (each product in its operand's dtype, the sum in the wider one); the other six compute in
+# fp32 (fp64 for fp64/fp64) and round once into the EMA (ema_kind.h: fast_math_pair).
+SEED_ROUNDING_PAIRS = frozenset((e, m) for e in EMA_DTYPES for m in EMA_DTYPES) - {(torch.float32, torch.float32), (torch.float32, torch.float16),
                                       (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
                                       (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)}
 MODES = ('yolov5', 'lerp')
@@ -127,7 +126,7 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
     for i, (e, m) in enumerate(zip(ema, model)):
         if e.dtype not in EMA_DTYPES:
             raise TypeError(f'ema[{i}] has dtype {e.dtype}; EMA tensors must be float32/float16/bfloat16/float64')
-        if m.dtype not in EMA_DTYPES:  # any float pair the seed's formula takes; the kernels take KERNEL_PAIRS
+        if m.dtype not in EMA_DTYPES:  # any float pair the seed's formula takes
             raise TypeError(f'model[{i}] has dtype {m.dtype}; model tensors under an EMA must be '
                             'float32/float16/bfloat16/float64')
         if e.shape != m.shape:

@@ -1,6 +1,7 @@
 #include "ema_plan.h"
 
 #include "../common/inplace.h"
+#include "ema_runner.h"
 
 namespace torchutils_ext {
 namespace {

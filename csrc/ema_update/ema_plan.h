@@ -6,7 +6,7 @@
 #include <optional>
 #include <vector>
 
-#include "../common/ema_args.h"
+#include "ema_args.h"
 
 namespace torchutils_ext {
 

@@ -21,4 +21,14 @@ constexpr bool fast_math_pair(EmaDtype e, EmaDtype m) {
   return e == m || (e == EmaDtype::F32 && (m == EmaDtype::F16 || m == EmaDtype::BF16));
 }
 
+constexpr int element_size(EmaDtype t) { return t == EmaDtype::F32 ? 4 : t == EmaDtype::F64 ? 8 : 2; }
+
+// One (EMA, model) pair as the kernels walk it: two flat spans of numel elements.
+struct EmaSpan {
+  void* ema;
+  const void* model;
+  int64_t numel;
+  EmaKind kind;
+};
+
 }  // namespace torchutils_ext

@@ -6,7 +6,7 @@
 #include <optional>
 #include <vector>
 
-#include "inplace.h"
+#include "../common/inplace.h"
 
 namespace torchutils_ext {
 

@@ -1,6 +1,6 @@
 // CUDA kernel of count_zeros: every tensor in one launch, integer bit tests, one atomic per block.
-#include "launch.h"
-#include "multi_tensor_apply.cuh"
+#include "../common/multi_tensor_apply.cuh"
+#include "count_zeros_kernel.h"
 
 namespace torchutils_ext {
 namespace cuda {
@@ -89,11 +89,6 @@ void launch_count_zeros(const ZeroEntry* entries, int n, int64_t* out, cudaStrea
   if (n <= 256) return launch_cap<256>(entries, n, out, stream);
   launch_cap<1024>(entries, n, out, stream);
 #endif
-}
-
-const char* last_launch_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace cuda

@@ -4,10 +4,10 @@
 
 #include <type_traits>
 
-#include "../common/ema_kind.h"
-#include "../common/ema_math.h"
-#include "launch.h"
-#include "multi_tensor_apply.cuh"
+#include "../common/multi_tensor_apply.cuh"
+#include "ema_kind.h"
+#include "ema_math.h"
+#include "ema_update_kernel.h"
 
 namespace torchutils_ext {
 namespace cuda {
@@ -144,14 +144,14 @@ static_assert(sizeof(EmaTable<64>) + kEmaExtra <= kSmallParams, "the 64-entry ta
 static_assert(sizeof(EmaTable<1024>) + kEmaExtra <= kLargeParams, "the 1024-entry table must fit 32 KB");
 
 template <int CAP>
-void launch_cap(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
+void launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
   pack_and_launch<EmaTable<CAP>, CAP>(
       entries, n,
-      [](EmaTable<CAP>& t, int s, const EmaEntry& x) {
+      [](EmaTable<CAP>& t, int s, const EmaSpan& x) {
         t.ema[s] = x.ema;
         t.model[s] = x.model;
         t.numel[s] = x.numel;
-        t.kind[s] = x.kind;
+        t.kind[s] = static_cast<uint8_t>(x.kind);
       },
       [&](const EmaTable<CAP>& t, unsigned blocks) {
         ema_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, lerp);
@@ -160,7 +160,7 @@ void launch_cap(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaS
 
 }  // namespace
 
-void launch_ema(const EmaEntry* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
+void launch_ema(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
   // The smallest table that holds the list: a smaller parameter block to copy per launch.
   if (n <= 64 || !large_kernel_params()) return launch_cap<64>(entries, n, decay, lerp, stream);
 #if TUE_LARGE_PARAMS

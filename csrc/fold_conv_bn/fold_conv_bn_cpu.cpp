@@ -6,9 +6,9 @@
 
 #include <cmath>
 
-#include "../common/fold_args.h"
-#include "../common/fold_math.h"
-#include "simd.h"
+#include "../common/simd.h"
+#include "fold_args.h"
+#include "fold_math.h"
 
 namespace torchutils_ext {
 namespace {

@@ -3,9 +3,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "../common/fold_math.h"
-#include "launch.h"
-#include "multi_tensor_apply.cuh"
+#include "fold_math.h"
+#include "../common/multi_tensor_apply.cuh"
+#include "fold_conv_bn_kernel.h"
 
 namespace torchutils_ext {
 namespace cuda {
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(const __grid_constant__ 
                        f.bn_b ? &bn_b : nullptr));
     }
   }
-  const int64_t start = chunk * kChunk, end = min(f.elems, start + kChunk), group = f.ipg * f.opg;
+  const int64_t start = chunk * kChunk, end = f.K ? min(f.numel, start + kChunk) : start, group = f.ipg * f.opg;
   const T* w = static_cast<const T*>(f.w);
   T* out = static_cast<T*>(f.out_w);
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {

@@ -10,10 +10,9 @@
 #include <immintrin.h>
 #endif
 
-#include "../common/ema_args.h"
-#include "../common/ema_math.h"
-#include "../common/inplace.h"
-#include "simd.h"
+#include "../common/simd.h"
+#include "ema_math.h"
+#include "ema_runner.h"
 
 namespace torchutils_ext {
 namespace {
@@ -45,8 +44,7 @@ struct Cpu<float> {
 };
 
 // The span is walked as two halves side by side: one core keeps more misses in flight over four streams
-// (two per tensor) than over two. C++ microbenchmark, 7.2M fp32 elements (yolov5s) after a 128 MiB flush:
-// 1.98 ms one pass, 1.71 ms two halves (four halves: no better), `e += m`: 1.84 ms.
+// (two per tensor) than over two (four halves measured no better).
 template <typename E, typename M, typename F>
 TUE_ALWAYS_INLINE void walk_halves(void* e_, const void* m_, int64_t n, F f) {
   E* __restrict__ e0 = static_cast<E*>(e_);
@@ -205,9 +203,8 @@ struct Work {
 
 // Software prefetch of the work items ahead. A model has hundreds of small tensors (BN vectors, biases) that
 // end before the hardware prefetcher locks onto their stream, so each would cost a full memory latency per
-// line; touching the first lines of the next items while this one runs overlaps those latencies.
-// Tried 4..32 items and 256..1024 bytes on yolov5n/s: 1.09-1.15x cached _foreach_lerp_ either way (noise-level
-// differences); without prefetch 1.09x.
+// line; touching the first lines of the next items while this one runs overlaps those latencies (distances of
+// 4 to 32 items and 256 to 1024 bytes measured alike).
 constexpr int64_t kAhead = 8;
 constexpr int64_t kPrefetchBytes = 512;
 
@@ -221,14 +218,14 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
   const double d = call.decay_tensor ? call.decay_tensor->item<double>() : call.decay;
   const double omd = 1.0 - d;  // in double, then rounded per kind: the seed's (1 - d) is a Python float
 
+  const EmaSpans spans(call, ema, model);
   std::vector<Work> work;
-  for (int64_t i : call.fast) {
-    const auto &e = ema[i], &m = model[i];
-    const int32_t es = static_cast<int32_t>(e.element_size()), ms = static_cast<int32_t>(m.element_size());
-    char* ep = static_cast<char*>(e.data_ptr());
-    const char* mp = static_cast<const char*>(m.data_ptr());
-    for (int64_t b = 0, n = e.numel(); b < n; b += kChunk)
-      work.push_back({ep + b * es, mp + b * ms, std::min(n - b, kChunk), call.kinds[i], es, ms});
+  for (const EmaSpan& sp : spans.spans()) {
+    const int32_t es = element_size(ema_dtype_of(sp.kind)), ms = element_size(model_dtype_of(sp.kind));
+    char* ep = static_cast<char*>(sp.ema);
+    const char* mp = static_cast<const char*>(sp.model);
+    for (int64_t b = 0; b < sp.numel; b += kChunk)
+      work.push_back({ep + b * es, mp + b * ms, std::min(sp.numel - b, kChunk), sp.kind, es, ms});
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < std::min(hi, lo + kAhead); ++w) prefetch_item(work[w]);
@@ -238,21 +235,16 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
       ema_dispatch(it.kind, it.e, it.m, it.n, d, omd, call.lerp);
     }
   });
-  for (int64_t i : call.slow) ema_update_aten(ema[i], model[i], call);
-}
-
-void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay,
-                    const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
-  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode);
-  check_writable(ema, "ema_update_");
-  ema_run_cpu(call, ema, model);
-  bump_versions(ema);
+  spans.write_back();
 }
 
 const EmaRunnerRegistration register_cpu_runner(c10::DeviceType::CPU, &ema_run_cpu);
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchutils_ext, CPU, m) { m.impl("ema_update_", &ema_update_cpu); }
+TORCH_LIBRARY_IMPL(torchutils_ext, CPU, m) {
+  m.impl("ema_update_.Scalar", &ema_update_scalar<&ema_run_cpu>);
+  m.impl("ema_update_.Tensor", &ema_update_tensor<&ema_run_cpu>);
+}
 
 }  // namespace torchutils_ext

@@ -3,8 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../common/zero_bits.h"
-#include "simd.h"
+#include "../common/simd.h"
+#include "zero_bits.h"
 
 namespace torchutils_ext {
 namespace {

@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "ema_args.h"  // check_no_overlap
+#include "../common/overlap.h"
 
 namespace torchutils_ext {
 

@@ -1,0 +1,42 @@
+// CUDA glue of count_zeros: dense tensors of a known bit layout in one launch, the rest through ATen.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common/cuda_host.h"
+#include "count_zeros_kernel.h"
+#include "zero_bits.h"
+
+namespace torchutils_ext {
+namespace {
+
+at::Tensor count_zeros_cuda(at::TensorList tensors) {
+  check_cuda(tensors, "count_zeros");
+  TORCH_CHECK_VALUE(!tensors.empty(), "count_zeros: empty list on the CUDA kernel");
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor out = at::empty({}, tensors[0].options().dtype(at::kLong));
+  C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, sizeof(int64_t), stream));  // no fill kernel
+  std::vector<cuda::ZeroEntry> entries;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK_VALUE(t.device() == tensors[0].device(), "count_zeros: tensors[", i, "] is on ", t.device(),
+                      ", tensors[0] on ", tensors[0].device());
+    const ZeroBits z = zero_bits(t.scalar_type());
+    if (z.supported && t.is_non_overlapping_and_dense()) {
+      if (t.numel()) entries.push_back({t.data_ptr(), t.numel(), z.mask, z.elem_size});
+    } else {
+      out.add_(t.eq(0).sum());  // eq serves more dtypes than count_nonzero
+    }
+  }
+  cuda::launch_count_zeros(entries.data(), static_cast<int>(entries.size()), out.data_ptr<int64_t>(), stream);
+  check_launch("count_zeros");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchutils_ext, CUDA, m) { m.impl("count_zeros", &count_zeros_cuda); }
+
+}  // namespace torchutils_ext

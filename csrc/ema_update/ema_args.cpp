@@ -1,0 +1,76 @@
+#include "ema_args.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+#include "../common/overlap.h"
+
+namespace torchutils_ext {
+namespace {
+
+std::optional<EmaDtype> ema_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return EmaDtype::F32;
+    case at::kHalf: return EmaDtype::F16;
+    case at::kBFloat16: return EmaDtype::BF16;
+    case at::kDouble: return EmaDtype::F64;
+    default: return std::nullopt;
+  }
+}
+
+std::optional<EmaKind> kind_of(at::ScalarType e, at::ScalarType m) {
+  const auto de = ema_dtype(e), dm = ema_dtype(m);
+  if (!de || !dm) return std::nullopt;
+  return ema_kind(*de, *dm);
+}
+
+}  // namespace
+
+void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>& decay_tensor,
+                   std::optional<at::Device> device) {
+  call.decay_tensor.reset();
+  if (decay_tensor.has_value()) {
+    const auto& d = *decay_tensor;
+    TORCH_CHECK_TYPE(d.dim() == 0, "ema_update_: decay tensor must be 0-d, got shape ", d.sizes());
+    TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
+                     "ema_update_: decay tensor must be float32 or float64, got ", d.scalar_type());
+    TORCH_CHECK_VALUE(!device || d.device() == *device || d.device().is_cpu(), "ema_update_: decay tensor is on ",
+                      d.device(), ", the tensors on ", *device);
+    call.decay_tensor = d;
+  } else {
+    TORCH_CHECK_VALUE(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0,
+                      "ema_update_: decay must be a finite number in [0, 1], got ", decay);
+    call.decay = decay;
+  }
+}
+
+EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
+                       const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
+  EmaCall call;
+  TORCH_CHECK_VALUE(ema.size() == model.size(), "ema_update_: ema and model lists differ in length: ", ema.size(),
+                    " vs ", model.size());
+  TORCH_CHECK_VALUE(mode == "yolov5" || mode == "lerp", "ema_update_: mode must be 'yolov5' or 'lerp', got '",
+                    std::string(mode), "'");
+  call.lerp = mode == "lerp";
+  set_ema_decay(call, decay, decay_tensor, ema.empty() ? std::nullopt : std::optional<at::Device>(ema[0].device()));
+  for (size_t i = 0; i < ema.size(); ++i) {
+    const auto &e = ema[i], &m = model[i];
+    auto k = kind_of(e.scalar_type(), m.scalar_type());
+    TORCH_CHECK_TYPE(k.has_value(), "ema_update_: ema[", i, "] (", e.scalar_type(), ") with model[", i, "] (",
+                     m.scalar_type(), ") is not supported: EMA and model must each be "
+                     "float32/float16/bfloat16/float64");
+    TORCH_CHECK_VALUE(e.sizes() == m.sizes(), "ema_update_: ema[", i, "] shape ", e.sizes(),
+                      " differs from model[", i, "] shape ", m.sizes());
+    TORCH_CHECK_VALUE(e.device() == m.device() && e.device() == ema[0].device(), "ema_update_: ema[", i, "] (",
+                      e.device(), ") and model[", i, "] (", m.device(), ") must be on the device of ema[0] (",
+                      ema[0].device(), ")");
+    call.kinds.push_back(*k);
+    (same_dense_layout(e, m) ? call.fast : call.slow).push_back(static_cast<int64_t>(i));
+  }
+  check_no_overlap(ema, model, "ema_update_");
+  return call;
+}
+
+}  // namespace torchutils_ext

@@ -1,0 +1,31 @@
+// Validation of ema_update_'s arguments, shared by the CPU and CUDA kernels and the EMA plan.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <vector>
+
+#include "ema_kind.h"
+
+namespace torchutils_ext {
+
+// A validated call: every pair's kind, and which pairs walk as flat spans.
+struct EmaCall {
+  bool lerp = false;
+  double decay = 0.0;                  // used when decay_tensor is empty
+  std::optional<at::Tensor> decay_tensor;
+  std::vector<int64_t> fast, slow;     // pair indices: dense with equal strides / anything else
+  std::vector<EmaKind> kinds;          // kind of each pair
+};
+
+// Checks everything (raising ValueError/TypeError naming the problem) before any tensor is written.
+EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
+                       const std::optional<at::Tensor>& decay_tensor, c10::string_view mode);
+
+// Checks decay (finite, in [0, 1]) or decay_tensor (0-d float/double, on `device` or the CPU) into call.
+void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>& decay_tensor,
+                   std::optional<at::Device> device);
+
+}  // namespace torchutils_ext

@@ -1,0 +1,49 @@
+// CUDA glue of ema_update_: the validated call's spans, one launch on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common/cuda_host.h"
+#include "ema_runner.h"
+#include "ema_update_kernel.h"
+
+namespace torchutils_ext {
+namespace {
+
+void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model) {
+  if (ema.empty()) return;
+  check_cuda(ema, "ema_update_");
+  const c10::cuda::CUDAGuard guard(ema[0].device());
+  // A CPU decay tensor would be read once on the host (its value frozen into the graph), and the strided pairs
+  // would copy it to the device (a sync, which breaks the capture): refused before anything is written.
+  TORCH_CHECK_VALUE(!(call.decay_tensor && !call.decay_tensor->is_cuda() &&
+                      capturing(c10::cuda::getCurrentCUDAStream().stream())),
+                    "ema_update_: a CPU decay tensor cannot be used while the current CUDA stream is being captured "
+                    "into a graph (its value would be frozen); pass the decay as a CUDA tensor");
+  cuda::EmaDecay d{nullptr, false, call.decay};
+  if (call.decay_tensor.has_value()) {
+    if (call.decay_tensor->is_cuda()) {
+      d.ptr = call.decay_tensor->data_ptr();
+      d.is_double = call.decay_tensor->scalar_type() == at::kDouble;
+    } else {
+      d.value = call.decay_tensor->item<double>();  // a CPU scalar: read on the host, no device sync
+    }
+  }
+  const EmaSpans spans(call, ema, model);
+  cuda::launch_ema(spans.spans().data(), static_cast<int>(spans.spans().size()), d, call.lerp,
+                   c10::cuda::getCurrentCUDAStream().stream());
+  check_launch("ema_update_");
+  spans.write_back();
+}
+
+const EmaRunnerRegistration register_cuda_runner(c10::DeviceType::CUDA, &ema_run_cuda);
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchutils_ext, CUDA, m) {
+  m.impl("ema_update_.Scalar", &ema_update_scalar<&ema_run_cuda>);
+  m.impl("ema_update_.Tensor", &ema_update_tensor<&ema_run_cuda>);
+}
+
+}  // namespace torchutils_ext

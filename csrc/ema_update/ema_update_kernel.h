@@ -1,0 +1,23 @@
+// Plain-data interface between the ema_update_ host glue (ema_update_cuda.cpp, compiled with ATen) and its kernel
+// (ema_update_kernel.cu, compiled by nvcc without torch headers: faster builds, no ATen in device code).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "ema_kind.h"
+
+namespace torchutils_ext {
+namespace cuda {
+
+// Decay from device memory (ptr, float or double) or, when ptr is null, the host value.
+struct EmaDecay {
+  const void* ptr;
+  bool is_double;
+  double value;
+};
+// One launch per table of spans (each with numel > 0).
+void launch_ema(const EmaSpan* spans, int n, EmaDecay decay, bool lerp, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace torchutils_ext

@@ -1,0 +1,76 @@
+// CUDA glue of fold_conv_bn / fold_conv_bn_: one launch per weight dtype over every layer.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common/cuda_host.h"
+#include "fold_args.h"
+#include "fold_conv_bn_kernel.h"
+
+namespace torchutils_ext {
+namespace {
+
+std::optional<cuda::FoldDtype> fold_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::FoldDtype::F32;
+    case at::kHalf: return cuda::FoldDtype::F16;
+    case at::kBFloat16: return cuda::FoldDtype::BF16;
+    case at::kDouble: return cuda::FoldDtype::F64;
+    default: return std::nullopt;
+  }
+}
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
+
+std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w,
+                                  std::vector<at::Tensor> out_b) {
+  check_cuda(a.weight, "fold_conv_bn");
+  if (a.weight.empty()) return out_b;
+  const c10::cuda::CUDAGuard guard(a.weight[0].device());
+  std::vector<cuda::FoldEntry> groups[4];
+  std::vector<RowsIO> ios;
+  std::vector<at::Tensor> hold;  // converted BN vectors, alive until the launches are queued
+  ios.reserve(a.weight.size());
+  for (size_t i = 0; i < a.weight.size(); ++i) {
+    const auto& w = a.weight[i];
+    const auto dt = fold_dtype(w.scalar_type());
+    TORCH_CHECK_TYPE(dt.has_value(), "fold_conv_bn: weight[", i, "] has dtype ", w.scalar_type(),
+                     "; the CUDA kernel takes float32/float16/bfloat16/float64");
+    ios.push_back(rows_io(w, out_w[i], a.transposed_groups[i]));
+    const RowsIO& io = ios.back();
+    std::optional<at::Tensor> vecs[] = {a.bias.get(i), a.bn_weight.get(i), a.bn_bias.get(i), a.mean[i], a.var[i]};
+    // the kernel reads BN vectors contiguous, as the weight's dtype or else as its math type
+    bool as_weight = true;
+    for (const auto& v : vecs) as_weight = as_weight && (!v || (v->scalar_type() == w.scalar_type() && v->is_contiguous()));
+    if (!as_weight) {
+      const auto op = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      for (auto& v : vecs)
+        if (v) hold.push_back(*v = v->to(op).contiguous());
+    }
+    if (!out_b[i].defined()) out_b[i] = at::empty({a.channels(i)}, w.options());
+    groups[static_cast<int>(*dt)].push_back({io.src.data_ptr(), io.dst.data_ptr(), ptr_or_null(vecs[0]),
+                                             ptr_or_null(vecs[1]), ptr_or_null(vecs[2]), vecs[3]->data_ptr(),
+                                             vecs[4]->data_ptr(), out_b[i].data_ptr(), a.eps[i],
+                                             std::max<int64_t>(io.src.numel(), 1), io.L.K, io.L.ipg, io.L.opg,
+                                             static_cast<int32_t>(a.channels(i)), !as_weight});
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (int g = 0; g < 4; ++g)
+    if (!groups[g].empty())
+      cuda::launch_fold(groups[g].data(), static_cast<int>(groups[g].size()), static_cast<cuda::FoldDtype>(g), stream);
+  check_launch("fold_conv_bn");
+  for (const auto& io : ios) io.finish();  // layouts the kernel could not walk: copied back, stream-ordered
+  return out_b;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchutils_ext, CUDA, m) {
+  m.impl("fold_conv_bn", &fold_functional<&fold_into>);
+  m.impl("fold_conv_bn_", &fold_inplace<&fold_into>);
+}
+
+}  // namespace torchutils_ext
