@@ -38,8 +38,9 @@ _UNITS = {'median_ms': ' ms', 'vs_seed': 'x seed', 'vs_best': 'x best', 'vs_peer
 
 
 def targets_for(bench, model, device, impl):
-    """Targets apply to our rows (whole-model fuse_model for fusion)."""
-    if not impl.startswith('ours') or (bench == 'fuse' and 'fuse_model' not in impl):
+    """Targets apply to our rows (whole-model fuse_model for fusion; not the optional NaN/Inf guard, whose cost
+    is read against our unguarded row)."""
+    if not impl.startswith('ours') or (bench == 'fuse' and 'fuse_model' not in impl) or 'skip_nonfinite' in impl:
         return []
     if 'pure torch' in impl:
         return _PURE if bench in SAME_NUMERICS else []

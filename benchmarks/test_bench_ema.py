@@ -8,6 +8,7 @@ fails; fp32 rows also say whether they are bit-identical to the seed. All rows a
 a same-bytes `add_` as the measured bandwidth limit of this traffic (CPU).
 """
 import contextlib
+import functools
 from copy import deepcopy
 
 import pytest
@@ -42,6 +43,9 @@ def _impls(case, device):
         rows.append((name, 'peer', cls, why))
     for label, backend, why in ours.backends('ema_update_', device):
         rows.append((f'ours ModelEMA ({label})', 'ours', backend and ours.tx.ModelEMA, why))
+    for label, backend, why in ours.backends('ema_update_', device):  # the NaN/Inf guard's cost
+        guarded = backend and functools.partial(ours.tx.ModelEMA, skip_nonfinite=True)
+        rows.append((f'ours ModelEMA skip_nonfinite ({label})', 'ours', guarded, why))
     return rows
 
 

@@ -6,8 +6,11 @@ TORCH_LIBRARY(torchutils_ext, m) {
   // ema[i] = d * ema[i] + (1 - d) * model[i] for every i; the decay a float, or a 0-d float32/float64 tensor
   // read on the device (no host sync, and a captured graph sees its current value). NOTE: the mode is named
   // ema_mode here because torch's functionalization wrapper (torch.compile) takes a keyword named `mode`.
-  m.def("ema_update_.Scalar(Tensor(a!)[] ema, Tensor[] model, float decay, str ema_mode=\"yolov5\") -> ()");
-  m.def("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay, str ema_mode=\"yolov5\") -> ()");
+  // guard (int64, 2 elements): skip the whole update when a model value is NaN/Inf, counting it (nonfinite.h).
+  m.def("ema_update_.Scalar(Tensor(a!)[] ema, Tensor[] model, float decay, str ema_mode=\"yolov5\", "
+        "Tensor(b!)? guard=None) -> ()");
+  m.def("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay, str ema_mode=\"yolov5\", "
+        "Tensor(b!)? guard=None) -> ()");
   // Elements equal to zero over all tensors, as a 0-d int64 tensor on their device.
   m.def("count_zeros(Tensor[] tensors) -> Tensor");
   // Fold BatchNorm into the preceding conv/linear for many layers; transposed_groups[i] = groups of a

@@ -324,3 +324,75 @@ def test_ema_past_2_31_elements_and_count_zeros_past_2_32():
     assert int(_ops.count_zeros([z])) == 2 ** 32 + 9
     del z
     torch.cuda.empty_cache()
+
+
+def _train_parts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 4)).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+    return model, opt, tx.ModelEMA(model, tau=5, capturable=True, skip_nonfinite=True)
+
+
+def _train_step(model, opt, ema, x, y):
+    opt.zero_grad(set_to_none=False)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    ema.update(model)
+
+
+def test_capturable_ema_in_a_captured_training_step():
+    """Forward, backward, Adam(capturable) and ModelEMA(capturable, skip_nonfinite) captured in one CUDA graph:
+    3 eager warm-up steps + 5 replays equal 8 eager steps bit for bit, and the counter advanced on the device."""
+    g = torch.Generator(device='cuda').manual_seed(1)
+    x, y = torch.randn(8, 16, device='cuda', generator=g), torch.randn(8, 4, device='cuda', generator=g)
+    eager = _train_parts()
+    for _ in range(8):
+        _train_step(*eager, x, y)
+    captured = _train_parts()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            _train_step(*captured, x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _train_step(*captured, x, y)
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert captured[2].updates == eager[2].updates == 8 and captured[2].skipped == 0
+    for (k, a), b in zip(captured[2].ema.state_dict().items(), eager[2].ema.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_capturable_ema_under_reduce_overhead_compile():
+    g = torch.Generator(device='cuda').manual_seed(2)
+    x, y = torch.randn(8, 16, device='cuda', generator=g), torch.randn(8, 4, device='cuda', generator=g)
+    eager, compiled = _train_parts(), _train_parts()
+    step = torch.compile(_train_step, mode='reduce-overhead')
+    for _ in range(6):
+        _train_step(*eager, x, y)
+        step(*compiled, x, y)
+    torch.cuda.synchronize()
+    assert compiled[2].updates == eager[2].updates == 6
+    for (k, a), b in zip(compiled[2].ema.state_dict().items(), eager[2].ema.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize('edt,mdt', [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                     (torch.float16, torch.float32), (torch.float64, torch.float64)])
+def test_guard_on_cuda_matches_cpu(edt, mdt):
+    """The device check pass: a NaN/Inf anywhere (any table, any dtype) skips the whole update and counts it."""
+    n = 70
+    e = [torch.randn(1000 + i, dtype=torch.float64).to(edt) for i in range(n)]
+    m = [torch.randn(1000 + i, dtype=torch.float64).to(mdt) for i in range(n)]
+    ge, gm = [t.cuda() for t in e], [t.cuda() for t in m]
+    guard = torch.zeros(2, dtype=torch.int64, device='cuda')
+    _ops.ema_update_(ge, gm, 0.9993, guard=guard)
+    _ops.ema_update_(e, m, 0.9993)
+    assert guard.tolist() == [0, 0] and all(torch.equal(a.cpu(), b) for a, b in zip(ge, e))
+    gm[67][999] = float('inf')
+    before = [t.clone() for t in ge]
+    _ops.ema_update_(ge, gm, 0.9993, guard=guard)
+    assert guard.tolist() == [1, 1] and all(torch.equal(a, b) for a, b in zip(ge, before))

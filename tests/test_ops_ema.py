@@ -179,6 +179,9 @@ def test_opcheck():
     torch.library.opcheck(op.Scalar, ([x.half() for x in e], [x.double() for x in m], 0.5, 'yolov5'))
     torch.library.opcheck(op.Tensor, (e, m, torch.tensor(0.7), 'yolov5'))
     torch.library.opcheck(op.Tensor, (e, m, torch.tensor(0.7, dtype=torch.float64), 'lerp'))
+    torch.library.opcheck(op.Scalar, (e, m, 0.9, 'yolov5', torch.zeros(2, dtype=torch.int64)))
+    bad = [m[0], m[1].clone().fill_(float('nan'))]
+    torch.library.opcheck(op.Tensor, (e, bad, torch.tensor(0.7), 'yolov5', torch.zeros(2, dtype=torch.int64)))
 
 
 def test_fullgraph_compile_has_no_graph_break():

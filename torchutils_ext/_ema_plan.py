@@ -1,8 +1,9 @@
 """ModelEMA's plan: the tensor lists of one (EMA module, model module) pair, built once, and one step per update.
 
-``make_plan`` picks one of three plans with one interface, ``step(ema, model, decay) -> bool``: True when the
-EMA was updated, False when the plan is stale (a module, slot or tensor changed since it was built) and nothing
-was written, so the owner builds a new plan. ``decay`` is a float or a 0-d tensor.
+``make_plan`` picks one of three plans with one interface, ``step(ema, model, decay, guard=None) -> bool``: True
+when the EMA was updated, False when the plan is stale (a module, slot or tensor changed since it was built) and
+nothing was written, so the owner builds a new plan. ``decay`` is a float or a 0-d tensor; ``guard`` the
+nonfinite guard of ``_ops.ema_update_``.
 
 - ``CompiledPlan``: the step is one call into C++ (``_C.ema_plan_step``), which proves the plan current and
   runs the device kernels (see [EMA plan] in ``csrc/ema_update/ema_plan.h``).
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import _ops, _reference
-from ._validate import check_decay, check_ema_args
+from ._validate import check_decay, check_ema_args, check_guard
 from ._walk import modules_once
 
 
@@ -148,12 +149,14 @@ class FreshListsPlan:
 
     def __init__(self, layout: Layout, mode: str):
         self.layout, self.mode, self.backend = layout, mode, _ops.get_backend()
+        groups = layout.groups
+        self.device = groups[0][0][0].device if groups else None  # of the first group: ModelEMA's tensors live there
 
-    def step(self, ema, model, decay) -> bool:
+    def step(self, ema, model, decay, guard=None) -> bool:
         if not self.layout.current(ema, model):
             return False
         for es, ms in self.layout.groups:
-            _ops.ema_update_([local(e) for e in es], [local(m) for m in ms], decay, self.mode)
+            _ops.ema_update_([local(e) for e in es], [local(m) for m in ms], decay, self.mode, guard=guard)
         return True
 
 
@@ -166,15 +169,16 @@ class TorchPlan(FreshListsPlan):
             check_ema_args(es, ms, 0.5, None, mode)
         self.batches = [_reference.EmaGroups(es, ms) for es, ms in layout.groups]
 
-    def step(self, ema, model, decay) -> bool:
+    def step(self, ema, model, decay, guard=None) -> bool:
         if not (self.backend == _ops.get_backend() and self.layout.current(ema, model)
                 and all(b.unchanged() for b in self.batches)):
             return False
         decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
         for es, _ in self.layout.groups:
             check_decay(decay, decay_tensor, es[0].device)
+            check_guard(guard, es[0].device)
         for batch in self.batches:
-            batch.apply(decay, decay_tensor, self.mode)
+            batch.apply(decay, decay_tensor, self.mode, guard)
         return True
 
 
@@ -186,8 +190,8 @@ class CompiledPlan(FreshListsPlan):
         self.handle = _ops._C.ema_plan_new(layout.ema_module, layout.model_module, layout.dicts, layout.keys,
                                            layout.values, [(list(es), list(ms)) for es, ms in layout.groups], mode)
 
-    def step(self, ema, model, decay) -> bool:
-        return self.backend == _ops.get_backend() and _ops._C.ema_plan_step(self.handle, ema, model, decay)
+    def step(self, ema, model, decay, guard=None) -> bool:
+        return self.backend == _ops.get_backend() and _ops._C.ema_plan_step(self.handle, ema, model, decay, guard)
 
 
 def make_plan(ema: nn.Module, model: nn.Module, mode: str):

@@ -14,7 +14,7 @@ import torch
 
 from . import _cuda_arch, _reference
 from ._load import build_info, load_compiled
-from ._validate import tensor_list
+from ._validate import check_guard, tensor_list
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
 BACKENDS = ('auto', 'ext', 'torch')
@@ -104,7 +104,7 @@ def backend_info() -> dict:
 
 
 if COMPILED:
-    def _ema_fake(ema, model, decay, ema_mode='yolov5'):
+    def _ema_fake(ema, model, decay, ema_mode='yolov5', guard=None):
         # what can be checked without data: the compiled kernels check the rest
         if len(ema) != len(model):
             raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
@@ -114,6 +114,7 @@ if COMPILED:
         if isinstance(decay, torch.Tensor) and len(ema) and decay.device not in (ema[0].device, torch.device('cpu')):
             # a meta decay tensor beside real lists lands here in eager mode: refuse, do not skip the update
             raise ValueError(f'decay tensor is on {decay.device}, the tensors on {ema[0].device}')
+        check_guard(guard, ema[0].device if len(ema) else None)
         return None
 
     torch.library.register_fake('torchutils_ext::ema_update_.Scalar')(_ema_fake)
@@ -159,9 +160,11 @@ def _device_of(tensors, default='cpu'):
     return tensors[0].device if len(tensors) else torch.device(default)
 
 
-def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
+def ema_update_(ema, model, decay, mode: str = 'yolov5', *, guard=None) -> None:
     """In-place EMA over matching tensor lists: ``ema[i] = d * ema[i] + (1 - d) * model[i]``. ``decay`` is a
-    float or a 0-d tensor (read on the device: no host sync). Stateless; ModelEMA's per-step path is its plan."""
+    float or a 0-d tensor (read on the device: no host sync). ``guard``: an int64 tensor of 2 elements on the
+    tensors' device; when given, an update in which a model value is NaN/Inf writes nothing, sets guard[0] to 1
+    (else 0) and adds 1 to guard[1]. Stateless; ModelEMA's per-step path is its plan."""
     if isinstance(decay, numbers.Real) and not isinstance(decay, (int, float, bool)):
         decay = float(decay)  # a numpy scalar (np.float32(0.9999)), as the seed's arithmetic accepts
     decay_tensor = decay if isinstance(decay, torch.Tensor) else None
@@ -169,14 +172,15 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
     if decay_tensor is None and (not isinstance(d, (int, float)) or isinstance(d, bool)):
         raise TypeError(f'decay must be a float or a 0-d tensor, got {type(d).__name__}')
     ema, model = tensor_list('ema', ema), tensor_list('model', model)  # TypeError, not the dispatcher's error
+    check_guard(guard, _device_of(ema) if len(ema) else None)
     with torch.no_grad():
         if len(ema) and use_ext('ema_update_', _device_of(ema)):
             if decay_tensor is not None:
-                _lib.ema_update_.Tensor(ema, model, decay_tensor, mode)
+                _lib.ema_update_.Tensor(ema, model, decay_tensor, mode, guard)
             else:
-                _lib.ema_update_.Scalar(ema, model, d, mode)
+                _lib.ema_update_.Scalar(ema, model, d, mode, guard)
         else:
-            _reference.ema_update_(ema, model, decay, mode)
+            _reference.ema_update_(ema, model, decay, mode, guard)
 
 
 def count_zeros(tensors) -> torch.Tensor:

@@ -35,15 +35,47 @@ def _decay_pair(decay, decay_tensor):
     return d, 1.0 - d
 
 
-def ema_update_(ema, model, decay, mode: str = 'yolov5') -> None:
+def ema_update_(ema, model, decay, mode: str = 'yolov5', guard=None) -> None:
     """ema[i] = decay * ema[i] + (1 - decay) * model[i], in place; ``decay`` a float or a 0-d tensor.
 
     mode 'yolov5': ``v *= d; v += (1 - d) * m`` with each product and the sum rounded once (no FMA).
     mode 'lerp': ``torch.lerp(v, m, 1 - d)``. Per dtype pair, the kernels' rounding (see ``_Group``).
+    ``guard``: see ``_ops.ema_update_``.
     """
     decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
-    check_ema_args(ema, model, decay, decay_tensor, mode)
-    EmaGroups(ema, model).apply(decay, decay_tensor, mode)
+    check_ema_args(ema, model, decay, decay_tensor, mode, guard)
+    EmaGroups(ema, model).apply(decay, decay_tensor, mode, guard)
+
+
+def nonfinite(tensors):
+    """A 0-d bool tensor on the tensors' device: whether any of them holds a NaN or Inf.
+
+    On the CPU, one sum per tensor first: a finite sum proves every element finite (a NaN or Inf makes the sum
+    NaN or Inf), and only tensors with a nonfinite sum (finite values can also overflow it) get the exact test.
+    Elsewhere, or traced, the exact test for all (min and max per tensor), with no host sync."""
+    ts = [t for t in tensors if t.numel()]
+    if not ts:
+        return torch.zeros((), dtype=torch.bool, device=tensors[0].device if tensors else 'cpu')
+    if ts[0].device.type == 'cpu' and not torch.compiler.is_compiling():
+        sums = [t.sum(dtype=_opmath(t.dtype)) for t in ts]
+        ok = [bool(torch.stack(g).isfinite().all()) for g in _by_dtype(sums).values()]
+        if all(ok):
+            return torch.zeros((), dtype=torch.bool)
+        suspects = [t for t, s in zip(ts, sums) if not bool(s.isfinite())]
+        return _exact_nonfinite(suspects)
+    return _exact_nonfinite(ts)
+
+
+def _by_dtype(tensors):
+    groups = defaultdict(list)
+    for t in tensors:
+        groups[t.dtype].append(t)
+    return groups
+
+
+def _exact_nonfinite(ts):
+    flags = [torch.stack([m for t in g for m in torch.aminmax(t)]).isfinite().all() for g in _by_dtype(ts).values()]
+    return ~torch.stack(flags).all()
 
 
 _PTR = torch.Tensor.data_ptr
@@ -208,10 +240,30 @@ class EmaGroups:
     def unchanged(self) -> bool:
         return self.key is not None and self._key() == self.key
 
-    def apply(self, decay, decay_tensor, mode):
+    def apply(self, decay, decay_tensor, mode, guard=None):
         d, omd = _decay_pair(decay, decay_tensor)
-        for g in self.groups:
-            g.apply(d, omd, mode)
+        if guard is None:
+            for g in self.groups:
+                g.apply(d, omd, mode)
+            return
+        with torch.no_grad():
+            bad = nonfinite(self.model)
+            if guard.device.type == 'cpu' and not torch.compiler.is_compiling():  # a CPU read is no device sync
+                skip = bool(bad)
+                guard[0] = int(skip)
+                guard[1] += int(skip)
+                if not skip:
+                    for g in self.groups:
+                        g.apply(d, omd, mode)
+                return
+            # on a device (or traced): no host sync; the update runs, and the old values stay where bad is true
+            before = [e.clone() for e in self.ema]
+            for g in self.groups:
+                g.apply(d, omd, mode)
+            for e, b in zip(self.ema, before):
+                e.copy_(torch.where(bad, b, e))
+            guard[0].copy_(bad)
+            guard[1].add_(bad.long())
 
 
 # Zero counting on the CPU: `logical_not(t)` (true exactly where t == 0: -0.0 included, NaN not) into a reused

@@ -116,13 +116,26 @@ def check_decay(decay, decay_tensor=None, device=None):
         raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {device}')
 
 
-def check_ema_args(ema, model, decay, decay_tensor, mode):
+def check_guard(guard, device=None):
+    """None, or the nonfinite guard: a contiguous int64 tensor of 2 elements (skipped now, skipped in all)."""
+    if guard is None:
+        return
+    if not (isinstance(guard, torch.Tensor) and guard.dtype == torch.int64 and guard.shape == (2,)
+            and guard.is_contiguous()):
+        raise TypeError('guard must be a contiguous int64 tensor of 2 elements (skipped now, skipped in all), got '
+                        f'{getattr(guard, "dtype", type(guard).__name__)} of shape {tuple(getattr(guard, "shape", ()))}')
+    if device is not None and guard.device != device:
+        raise ValueError(f'guard is on {guard.device}, the tensors on {device}')
+
+
+def check_ema_args(ema, model, decay, decay_tensor, mode, guard=None):
     ema = tensor_list('ema', ema)
     model = tensor_list('model', model)
     if len(ema) != len(model):
         raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
     check_mode(mode)
     check_decay(decay, decay_tensor, ema[0].device if ema else None)
+    check_guard(guard, ema[0].device if ema else None)
     for i, (e, m) in enumerate(zip(ema, model)):
         if e.dtype not in EMA_DTYPES:
             raise TypeError(f'ema[{i}] has dtype {e.dtype}; EMA tensors must be float32/float16/bfloat16/float64')
@@ -136,7 +149,7 @@ def check_ema_args(ema, model, decay, decay_tensor, mode):
                              f'the device of ema[0] ({ema[0].device})')
     if ema and ema[0].device.type != 'meta' and not torch.compiler.is_compiling():  # traced: no real memory
         check_self_overlap(ema, 'ema_update_')
-        if _shared(ema):
+        if _shared(ema if guard is None else [*ema, guard]):
             raise ValueError('ema tensors overlap in memory: each EMA tensor must own its storage')
         if _shared(ema, model):
             raise ValueError('an ema tensor shares memory with a model tensor')

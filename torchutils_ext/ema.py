@@ -14,6 +14,7 @@ from copy import deepcopy
 import torch
 
 from ._ema_plan import FreshListsPlan, ModelStructureError, is_dtensor, local, make_plan
+from ._reference import has_float64
 from ._validate import check_mode
 from .distributed import de_parallel
 from .training import copy_attr
@@ -38,48 +39,116 @@ class ModelEMA:
     """Updated Exponential Moving Average (EMA) of everything in the model's state_dict (parameters, buffers).
 
     Same constructor, attributes (``ema``, ``updates``, ``decay``) and methods as the seed. Extra keywords:
-    ``mode`` ('yolov5' bit-matches the seed's ``v *= d; v += (1 - d) * m``, 'lerp' matches ``torch.lerp``) and
-    ``copy_buffers`` (timm's policy: copy non-float buffers such as ``num_batches_tracked``; the seed leaves them).
+
+    - ``mode``: 'yolov5' bit-matches the seed's ``v *= d; v += (1 - d) * m``, 'lerp' matches ``torch.lerp``.
+    - ``copy_buffers``: timm's policy, copy non-float buffers such as ``num_batches_tracked`` (the seed leaves
+      them).
+    - ``skip_nonfinite``: an update in which any floating model value is NaN or Inf leaves the whole EMA
+      unchanged, decided on the device with no host sync (a check pass, then the update reads its flag).
+      ``skipped`` says how many updates were skipped (reading it syncs). ``updates`` still counts every call, as
+      the seed counts them: the host cannot know that a step was skipped without a sync, so the decay ramp
+      advances as if it had happened (after the ramp's first few thousand steps the decay barely moves).
+    - ``capturable``: the update counter lives in a device tensor and the decay ramp is computed there, so a
+      step that includes ``update`` can be captured in a CUDA graph (``torch.cuda.graph``,
+      ``torch.compile(mode='reduce-overhead')``) and each replay advances it. ``updates`` reads the counter (a
+      sync); setting it (``smart_resume``) writes it. The ramp is the seed's formula in float64 tensor ops
+      (float32 on MPS); on CUDA the device's ``exp`` may differ from the host's in the last bit.
 
     FSDP2: build the EMA before sharding, then shard the model and ``ema.ema`` with the same ``fully_shard``
     calls; each update then works on the local shards of the DTensor parameters, without gathering.
     """
 
-    def __init__(self, model, decay=0.9999, tau=2000, updates=0, *, mode='yolov5', copy_buffers=False):
+    def __init__(self, model, decay=0.9999, tau=2000, updates=0, *, mode='yolov5', copy_buffers=False,
+                 skip_nonfinite=False, capturable=False):
         check_mode(mode)
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
             raise TypeError(f'decay must be a number, got {type(decay).__name__}')
         decay = float(decay)  # numpy scalars too: the ramp then yields plain floats
         if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
             raise ValueError(f'decay must be in [0, 1], got {decay}')
-        if not tau > 0:
-            raise ValueError(f'tau must be > 0, got {tau}')
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
+            raise ValueError(f'tau must be a number > 0, got {tau!r}')
+        for name, flag in (('copy_buffers', copy_buffers), ('skip_nonfinite', skip_nonfinite),
+                           ('capturable', capturable)):
+            if not isinstance(flag, bool):
+                raise TypeError(f'{name} must be True or False, got {flag!r}')
         self.ema = _copy_model(de_parallel(model)).eval()  # FP32 EMA
+        self._count = None  # capturable: the device counter, made at the first update
+        self._guard = None  # skip_nonfinite: int64 [skipped this step, skipped in all] on the EMA's device
         self.updates = updates
         self.decay = lambda x: decay * (1 - math.exp(-x / tau))  # exponential ramp helps early epochs
+        self._ramp = (decay, tau)
         self.mode = mode
         self.copy_buffers = copy_buffers
+        self.skip_nonfinite = skip_nonfinite
+        self.capturable = capturable
         self._plan = None
         for p in self.ema.parameters():
             p.requires_grad_(False)
 
+    @property
+    def updates(self):
+        c = self._count
+        return self._updates if c is None else int(c.item())
+
+    @updates.setter
+    def updates(self, value):
+        self._updates = value
+        if self._count is not None:
+            self._count.fill_(value)
+
+    @property
+    def skipped(self) -> int:
+        """Updates skipped by ``skip_nonfinite`` (reading it syncs with the device)."""
+        return 0 if self._guard is None else int(self._guard[1].item())
+
+    def _step_args(self, plan):
+        """(decay, guard) for the next step on the plan's device."""
+        if not (self.capturable or self.skip_nonfinite):
+            return self.decay(self._updates + 1), None
+        if plan.layout.sharded or len(plan.layout.groups) > 1:
+            raise ValueError('ModelEMA: skip_nonfinite and capturable need the EMA on one device, unsharded (a '
+                             'guard on each FSDP2 rank would see only its own shard)')
+        device = plan.device or torch.device('cpu')
+        guard = None
+        if self.skip_nonfinite:
+            guard = self._guard
+            if guard is None or guard.device != device:
+                self._guard = guard = (torch.zeros(2, dtype=torch.int64, device=device) if guard is None
+                                       else guard.to(device))
+        if not self.capturable:
+            return self.decay(self._updates + 1), guard
+        c = self._count
+        if c is None or c.device != device:
+            dtype = torch.float64 if has_float64(device) else torch.float32
+            self._count = c = torch.tensor(float(self.updates), dtype=dtype, device=device)
+        decay, tau = self._ramp
+        # the seed's decay * (1 - exp(-x / tau)) for x = updates + 1, each operation rounded as Python rounds it
+        return torch.rsub(torch.exp(torch.neg(c + 1).div_(tau)), 1).mul_(decay), guard
+
     def update(self, model):
         model = de_parallel(model)
-        d = self.decay(self.updates + 1)
         plan = self._plan
         if torch.compiler.is_compiling():  # traced: the plan's Python checks and the stateless ops
-            if plan is None or not FreshListsPlan.step(plan, self.ema, model, d):
+            if plan is None or not plan.layout.current(self.ema, model):
                 plan = make_plan(self.ema, model, self.mode)  # not kept: it runs at trace time only
-                FreshListsPlan.step(plan, self.ema, model, d)
-        elif plan is None or not plan.step(self.ema, model, d):
-            self._plan = plan = make_plan(self.ema, model, self.mode)
-            if not plan.step(self.ema, model, d):
-                raise RuntimeError('ModelEMA.update: the model changed while its plan was built')
+            FreshListsPlan.step(plan, self.ema, model, *self._step_args(plan))
+        else:
+            if plan is None:
+                self._plan = plan = make_plan(self.ema, model, self.mode)
+            if not plan.step(self.ema, model, *self._step_args(plan)):
+                self._plan = plan = make_plan(self.ema, model, self.mode)
+                if not plan.step(self.ema, model, *self._step_args(plan)):
+                    raise RuntimeError('ModelEMA.update: the model changed while its plan was built')
         ints = plan.layout.ints
         if self.copy_buffers and ints[0]:
             with torch.no_grad():
                 torch._foreach_copy_([local(t) for t in ints[0]], [local(t) for t in ints[1]])
-        self.updates += 1  # counted after success, so a failed update can be retried
+        # counted after success, so a failed update can be retried
+        if self._count is not None:
+            self._count.add_(1)
+        else:
+            self._updates += 1
 
     def update_attr(self, model, include=(), exclude=('process_group', 'reducer')):
         copy_attr(self.ema, model, include, exclude)
@@ -88,3 +157,10 @@ class ModelEMA:
         state = self.__dict__.copy()
         state['_plan'] = None
         return state
+
+    def __setstate__(self, state):
+        if 'updates' in state:  # pickled before updates became a property
+            state['_updates'] = state.pop('updates')
+        for k, v in (('_count', None), ('_guard', None), ('skip_nonfinite', False), ('capturable', False)):
+            state.setdefault(k, v)
+        self.__dict__.update(state)

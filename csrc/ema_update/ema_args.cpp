@@ -46,15 +46,30 @@ void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>&
   }
 }
 
+void set_ema_guard(EmaCall& call, const std::optional<at::Tensor>& guard, std::optional<at::Device> device) {
+  call.guard.reset();
+  if (!guard.has_value()) return;
+  const auto& g = *guard;
+  TORCH_CHECK_TYPE(g.scalar_type() == at::kLong && g.dim() == 1 && g.numel() == 2 && g.is_contiguous(),
+                   "ema_update_: guard must be a contiguous int64 tensor of 2 elements (skipped now, skipped in all), "
+                   "got ", g.scalar_type(), " of shape ", g.sizes());
+  TORCH_CHECK_VALUE(!device || g.device() == *device, "ema_update_: guard is on ", g.device(), ", the tensors on ",
+                    *device);
+  call.guard = g;
+}
+
 EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
-                       const std::optional<at::Tensor>& decay_tensor, c10::string_view mode) {
+                       const std::optional<at::Tensor>& decay_tensor, c10::string_view mode,
+                       const std::optional<at::Tensor>& guard) {
   EmaCall call;
   TORCH_CHECK_VALUE(ema.size() == model.size(), "ema_update_: ema and model lists differ in length: ", ema.size(),
                     " vs ", model.size());
   TORCH_CHECK_VALUE(mode == "yolov5" || mode == "lerp", "ema_update_: mode must be 'yolov5' or 'lerp', got '",
                     std::string(mode), "'");
   call.lerp = mode == "lerp";
-  set_ema_decay(call, decay, decay_tensor, ema.empty() ? std::nullopt : std::optional<at::Device>(ema[0].device()));
+  const auto device = ema.empty() ? std::nullopt : std::optional<at::Device>(ema[0].device());
+  set_ema_decay(call, decay, decay_tensor, device);
+  set_ema_guard(call, guard, device);
   for (size_t i = 0; i < ema.size(); ++i) {
     const auto &e = ema[i], &m = model[i];
     auto k = kind_of(e.scalar_type(), m.scalar_type());
@@ -69,7 +84,13 @@ EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
     call.kinds.push_back(*k);
     (same_dense_layout(e, m) ? call.fast : call.slow).push_back(static_cast<int64_t>(i));
   }
-  check_no_overlap(ema, model, "ema_update_");
+  if (guard) {  // the guard is written too
+    std::vector<at::Tensor> writes(ema.begin(), ema.end());
+    writes.push_back(*guard);
+    check_no_overlap(writes, model, "ema_update_");
+  } else {
+    check_no_overlap(ema, model, "ema_update_");
+  }
   return call;
 }
 

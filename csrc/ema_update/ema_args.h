@@ -16,16 +16,21 @@ struct EmaCall {
   bool lerp = false;
   double decay = 0.0;                  // used when decay_tensor is empty
   std::optional<at::Tensor> decay_tensor;
+  std::optional<at::Tensor> guard;     // see [nonfinite guard] in nonfinite.h
   std::vector<int64_t> fast, slow;     // pair indices: dense with equal strides / anything else
   std::vector<EmaKind> kinds;          // kind of each pair
 };
 
 // Checks everything (raising ValueError/TypeError naming the problem) before any tensor is written.
 EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
-                       const std::optional<at::Tensor>& decay_tensor, c10::string_view mode);
+                       const std::optional<at::Tensor>& decay_tensor, c10::string_view mode,
+                       const std::optional<at::Tensor>& guard = std::nullopt);
 
 // Checks decay (finite, in [0, 1]) or decay_tensor (0-d float/double, on `device` or the CPU) into call.
 void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>& decay_tensor,
                    std::optional<at::Device> device);
+
+// Checks the guard (a contiguous int64 tensor of 2 elements on `device`) into call.
+void set_ema_guard(EmaCall& call, const std::optional<at::Tensor>& guard, std::optional<at::Device> device);
 
 }  // namespace torchutils_ext

@@ -50,9 +50,13 @@ bool EmaPlan::current() const {
   return true;
 }
 
-void EmaPlan::prepare(double decay, const std::optional<at::Tensor>& decay_tensor) {
-  set_ema_decay(call_, decay, decay_tensor, ema_.empty() ? std::nullopt : std::optional<at::Device>(ema_[0].device()));
+void EmaPlan::prepare(double decay, const std::optional<at::Tensor>& decay_tensor,
+                      const std::optional<at::Tensor>& guard) {
+  const auto device = ema_.empty() ? std::nullopt : std::optional<at::Device>(ema_[0].device());
+  set_ema_decay(call_, decay, decay_tensor, device);
+  set_ema_guard(call_, guard, device);
   check_writable(ema_, "ModelEMA.update");
+  if (guard) check_writable({*guard}, "ModelEMA.update (guard)");
 }
 
 void EmaPlan::run() {
@@ -60,8 +64,10 @@ void EmaPlan::run() {
   const EmaRunner run = ema_runner(ema_[0].device().type());
   TORCH_CHECK(run != nullptr, "ModelEMA.update: no ema_update_ kernel was built for ", ema_[0].device());
   run(call_, ema_, model_);
-  call_.decay_tensor.reset();  // hold no reference between steps
   bump_versions(ema_);
+  if (call_.guard) bump_versions({*call_.guard});
+  call_.decay_tensor.reset();  // hold no reference between steps
+  call_.guard.reset();
 }
 
 }  // namespace torchutils_ext

@@ -18,9 +18,9 @@ class EmaPlan {
  public:
   EmaPlan(std::vector<at::Tensor> ema, std::vector<at::Tensor> model, c10::string_view mode);
   bool current() const;
-  // Checks the decay and that every EMA tensor may be written; raises before any write.
-  void prepare(double decay, const std::optional<at::Tensor>& decay_tensor);
-  // Runs the device kernel on a current, prepared plan and bumps the EMA tensors' versions.
+  // Checks the decay, the guard (nonfinite.h) and that every EMA tensor may be written; raises before any write.
+  void prepare(double decay, const std::optional<at::Tensor>& decay_tensor, const std::optional<at::Tensor>& guard);
+  // Runs the device kernel on a current, prepared plan and bumps the written tensors' versions.
   void run();
 
  private:

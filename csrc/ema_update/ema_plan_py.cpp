@@ -1,5 +1,5 @@
 // ModelEMA's per-step crossing: _C.ema_plan_new builds a ModelPlan once, _C.ema_plan_step(plan, ema_module,
-// model_module, decay) runs one step as one METH_FASTCALL call: it proves the plan current (same modules, every
+// model_module, decay, guard=None) runs one step as one METH_FASTCALL call: it proves the plan current (same modules, every
 // module slot and edge holds what it held, every tensor's metadata unchanged), then updates every device group.
 // A stale plan answers False having written nothing; the Python side then builds a new one.
 #include <torch/csrc/Exceptions.h>
@@ -76,8 +76,9 @@ PyObject* ema_plan_new(PyObject*, PyObject* args) {
 
 PyObject* ema_plan_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "ema_plan_step(plan, ema_module, model_module, decay) takes 4 arguments");
+  if (nargs != 4 && nargs != 5) {
+    PyErr_SetString(PyExc_TypeError,
+                    "ema_plan_step(plan, ema_module, model_module, decay, guard=None) takes 4 or 5 arguments");
     return nullptr;
   }
   if (!PyCapsule_IsValid(args[0], kName)) {
@@ -101,7 +102,12 @@ PyObject* ema_plan_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     decay = PyFloat_AsDouble(args[3]);
     if (decay == -1.0 && PyErr_Occurred()) return nullptr;
   }
-  for (auto& g : plan->groups) g.prepare(decay, decay_tensor);  // every check before the first write
+  std::optional<at::Tensor> guard;
+  if (nargs == 5 && args[4] != Py_None) {
+    TORCH_CHECK_TYPE(THPVariable_Check(args[4]), "ModelEMA.update: guard must be a tensor or None");
+    guard = THPVariable_Unpack(args[4]);
+  }
+  for (auto& g : plan->groups) g.prepare(decay, decay_tensor, guard);  // every check before the first write
   {
     pybind11::gil_scoped_release no_gil;  // as torch's own ops: other Python threads run during the kernels
     for (auto& g : plan->groups) g.run();

@@ -25,19 +25,23 @@ EmaRunner ema_runner(c10::DeviceType device);  // nullptr when none was built fo
 // tensors' versions are bumped after the last (see inplace.h).
 template <EmaRunner Run>
 void ema_update_op(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
-                   c10::string_view mode) {
-  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode);
+                   c10::string_view mode, const std::optional<at::Tensor>& guard) {
+  const EmaCall call = check_ema_args(ema, model, decay, decay_tensor, mode, guard);
   check_writable(ema, "ema_update_");
+  if (guard) check_writable({*guard}, "ema_update_ (guard)");
   Run(call, ema, model);
   bump_versions(ema);
+  if (guard) bump_versions({*guard});
 }
 template <EmaRunner Run>
-void ema_update_scalar(at::TensorList ema, at::TensorList model, double decay, c10::string_view mode) {
-  ema_update_op<Run>(ema, model, decay, std::nullopt, mode);
+void ema_update_scalar(at::TensorList ema, at::TensorList model, double decay, c10::string_view mode,
+                       const std::optional<at::Tensor>& guard) {
+  ema_update_op<Run>(ema, model, decay, std::nullopt, mode, guard);
 }
 template <EmaRunner Run>
-void ema_update_tensor(at::TensorList ema, at::TensorList model, const at::Tensor& decay, c10::string_view mode) {
-  ema_update_op<Run>(ema, model, 0.0, decay, mode);
+void ema_update_tensor(at::TensorList ema, at::TensorList model, const at::Tensor& decay, c10::string_view mode,
+                       const std::optional<at::Tensor>& guard) {
+  ema_update_op<Run>(ema, model, 0.0, decay, mode, guard);
 }
 
 // NOTE: [EMA spans] The kernels walk each pair as two flat spans of one layout. The other pairs (call.slow:

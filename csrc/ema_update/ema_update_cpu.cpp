@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #if defined(__x86_64__)
@@ -13,6 +14,7 @@
 #include "../common/simd.h"
 #include "ema_math.h"
 #include "ema_runner.h"
+#include "nonfinite.h"
 
 namespace torchutils_ext {
 namespace {
@@ -214,6 +216,49 @@ inline void prefetch_item(const Work& w) {
   for (int64_t o = 0; o < mb; o += 64) __builtin_prefetch(w.m + o, 0);
 }
 
+// Whether n elements of one dtype hold a NaN or Inf (see [nonfinite guard]): an OR over integer tests, which
+// the compiler vectorises, over four quarters side by side (more reads in flight on one core).
+template <typename U>
+TUE_ALWAYS_INLINE bool nonfinite_body(const void* p_, int64_t n, U mask) {
+  const U* __restrict__ p = static_cast<const U*>(p_);
+  const int64_t q = n / 4;
+  U h0 = 0, h1 = 0, h2 = 0, h3 = 0;
+  for (int64_t i = 0; i < q; ++i) {
+    h0 |= static_cast<U>((p[i] & mask) == mask);
+    h1 |= static_cast<U>((p[i + q] & mask) == mask);
+    h2 |= static_cast<U>((p[i + 2 * q] & mask) == mask);
+    h3 |= static_cast<U>((p[i + 3 * q] & mask) == mask);
+  }
+  for (int64_t i = 4 * q; i < n; ++i) h0 |= static_cast<U>((p[i] & mask) == mask);
+  return (h0 | h1 | h2 | h3) != 0;
+}
+
+template <typename U>
+TUE_TARGET_AVX2 bool nonfinite_avx2(const void* p, int64_t n, U mask) {
+  return nonfinite_body<U>(p, n, mask);
+}
+
+bool span_nonfinite(EmaDtype t, const void* p, int64_t n) {
+  const uint64_t mask = exponent_mask(t);
+  const bool avx2 = cpu_has_avx2();
+  switch (element_size(t)) {
+    case 2: return avx2 ? nonfinite_avx2<uint16_t>(p, n, static_cast<uint16_t>(mask))
+                        : nonfinite_body<uint16_t>(p, n, static_cast<uint16_t>(mask));
+    case 4: return avx2 ? nonfinite_avx2<uint32_t>(p, n, static_cast<uint32_t>(mask))
+                        : nonfinite_body<uint32_t>(p, n, static_cast<uint32_t>(mask));
+    default: return avx2 ? nonfinite_avx2<uint64_t>(p, n, mask) : nonfinite_body<uint64_t>(p, n, mask);
+  }
+}
+
+bool any_nonfinite(const std::vector<Work>& work) {
+  std::atomic<bool> found{false};
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi && !found.load(std::memory_order_relaxed); ++w)
+      if (span_nonfinite(model_dtype_of(work[w].kind), work[w].m, work[w].n)) found.store(true);
+  });
+  return found.load();
+}
+
 void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   const double d = call.decay_tensor ? call.decay_tensor->item<double>() : call.decay;
   const double omd = 1.0 - d;  // in double, then rounded per kind: the seed's (1 - d) is a Python float
@@ -226,6 +271,12 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
     const char* mp = static_cast<const char*>(sp.model);
     for (int64_t b = 0; b < sp.numel; b += kChunk)
       work.push_back({ep + b * es, mp + b * ms, std::min(sp.numel - b, kChunk), sp.kind, es, ms});
+  }
+  if (call.guard) {
+    int64_t* g = call.guard->data_ptr<int64_t>();
+    g[0] = any_nonfinite(work) ? 1 : 0;
+    g[1] += g[0];
+    if (g[0]) return;  // nothing written (the contiguous copies of strided pairs are dropped)
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < std::min(hi, lo + kAhead); ++w) prefetch_item(work[w]);

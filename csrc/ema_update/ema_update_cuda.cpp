@@ -14,7 +14,7 @@ namespace {
 void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   if (ema.empty()) return;
   check_cuda(ema, "ema_update_");
-  const c10::cuda::CUDAGuard guard(ema[0].device());
+  const c10::cuda::CUDAGuard device_guard(ema[0].device());
   // A CPU decay tensor would be read once on the host (its value frozen into the graph), and the strided pairs
   // would copy it to the device (a sync, which breaks the capture): refused before anything is written.
   TORCH_CHECK_VALUE(!(call.decay_tensor && !call.decay_tensor->is_cuda() &&
@@ -31,8 +31,10 @@ void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model)
     }
   }
   const EmaSpans spans(call, ema, model);
-  cuda::launch_ema(spans.spans().data(), static_cast<int>(spans.spans().size()), d, call.lerp,
-                   c10::cuda::getCurrentCUDAStream().stream());
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  int64_t* guard = call.guard ? call.guard->data_ptr<int64_t>() : nullptr;
+  if (guard != nullptr) C10_CUDA_CHECK(cudaMemsetAsync(guard, 0, sizeof(int64_t), stream));  // this step's flag
+  cuda::launch_ema(spans.spans().data(), static_cast<int>(spans.spans().size()), d, call.lerp, guard, stream);
   check_launch("ema_update_");
   spans.write_back();
 }

@@ -8,6 +8,7 @@
 #include "ema_kind.h"
 #include "ema_math.h"
 #include "ema_update_kernel.h"
+#include "nonfinite.h"
 
 namespace torchutils_ext {
 namespace cuda {
@@ -115,9 +116,37 @@ __device__ __forceinline__ void with_dtype(EmaDtype t, F&& f) {
   }
 }
 
+// [nonfinite guard]: each block tests its chunk of the model; the first block to find a NaN/Inf sets guard[0]
+// (zeroed before the launch) and counts the skip in guard[1].
+template <typename U>
+__device__ __forceinline__ bool chunk_nonfinite(const void* p_, int64_t n, U mask) {
+  const U* p = static_cast<const U*>(p_);
+  bool hit = false;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) hit |= (p[i] & mask) == mask;
+  return hit;
+}
+
 template <int CAP>
 __global__ void __launch_bounds__(kThreads)
-ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval, bool lerp) {
+nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, unsigned long long* guard) {
+  const int k = entry_of_block(t.block_start, t.n);
+  const int64_t start = static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk;
+  const int64_t n = min(kChunk, t.numel[k] - start);
+  const EmaDtype md = model_dtype_of(static_cast<EmaKind>(t.kind[k]));
+  const uint64_t mask = exponent_mask(md);
+  const int size = element_size(md);
+  const char* m = static_cast<const char*>(t.model[k]) + start * size;
+  const bool hit = size == 2   ? chunk_nonfinite<uint16_t>(m, n, static_cast<uint16_t>(mask))
+                   : size == 4 ? chunk_nonfinite<uint32_t>(m, n, static_cast<uint32_t>(mask))
+                               : chunk_nonfinite<uint64_t>(m, n, mask);
+  if (__syncthreads_or(hit) && threadIdx.x == 0 && atomicCAS(&guard[0], 0ull, 1ull) == 0ull) atomicAdd(&guard[1], 1ull);
+}
+
+template <int CAP>
+__global__ void __launch_bounds__(kThreads)
+ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval, bool lerp,
+           const unsigned long long* skip) {
+  if (skip != nullptr && *skip) return;  // the guard found a NaN/Inf: nothing is written
   const int k = entry_of_block(t.block_start, t.n);
   const int64_t start = static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk;
   const int64_t n = min(kChunk, t.numel[k] - start);
@@ -139,33 +168,36 @@ ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_
 
 // Each table with the kernel's other parameters (and their alignment padding) within the limit it is launched
 // under: 64 entries with any runtime, 256 and 1024 with large parameters only.
-constexpr size_t kEmaExtra = 2 * sizeof(const void*) + 2 * sizeof(double);
+constexpr size_t kEmaExtra = 3 * sizeof(const void*) + 2 * sizeof(double);
 static_assert(sizeof(EmaTable<64>) + kEmaExtra <= kSmallParams, "the 64-entry table must fit 4 KB");
 static_assert(sizeof(EmaTable<1024>) + kEmaExtra <= kLargeParams, "the 1024-entry table must fit 32 KB");
 
 template <int CAP>
-void launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
-  pack_and_launch<EmaTable<CAP>, CAP>(
-      entries, n,
-      [](EmaTable<CAP>& t, int s, const EmaSpan& x) {
-        t.ema[s] = x.ema;
-        t.model[s] = x.model;
-        t.numel[s] = x.numel;
-        t.kind[s] = static_cast<uint8_t>(x.kind);
-      },
-      [&](const EmaTable<CAP>& t, unsigned blocks) {
-        ema_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, lerp);
-      });
+void launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_t* guard, cudaStream_t stream) {
+  auto fill = [](EmaTable<CAP>& t, int s, const EmaSpan& x) {
+    t.ema[s] = x.ema;
+    t.model[s] = x.model;
+    t.numel[s] = x.numel;
+    t.kind[s] = static_cast<uint8_t>(x.kind);
+  };
+  auto* g = reinterpret_cast<unsigned long long*>(guard);
+  if (g != nullptr)  // every table's check before any table's update: the whole EMA or nothing
+    pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
+      nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, g);
+    });
+  pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
+    ema_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, lerp, g);
+  });
 }
 
 }  // namespace
 
-void launch_ema(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, cudaStream_t stream) {
+void launch_ema(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_t* guard, cudaStream_t stream) {
   // The smallest table that holds the list: a smaller parameter block to copy per launch.
-  if (n <= 64 || !large_kernel_params()) return launch_cap<64>(entries, n, decay, lerp, stream);
+  if (n <= 64 || !large_kernel_params()) return launch_cap<64>(entries, n, decay, lerp, guard, stream);
 #if TUE_LARGE_PARAMS
-  if (n <= 256) return launch_cap<256>(entries, n, decay, lerp, stream);
-  launch_cap<1024>(entries, n, decay, lerp, stream);
+  if (n <= 256) return launch_cap<256>(entries, n, decay, lerp, guard, stream);
+  launch_cap<1024>(entries, n, decay, lerp, guard, stream);
 #endif
 }
 

@@ -16,8 +16,9 @@ struct EmaDecay {
   bool is_double;
   double value;
 };
-// One launch per table of spans (each with numel > 0).
-void launch_ema(const EmaSpan* spans, int n, EmaDecay decay, bool lerp, cudaStream_t stream);
+// One launch per table of spans (each with numel > 0). With a guard (int64[2] on the device, guard[0] zeroed by
+// the caller), a check launch per table first (see [nonfinite guard] in nonfinite.h).
+void launch_ema(const EmaSpan* spans, int n, EmaDecay decay, bool lerp, int64_t* guard, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchutils_ext

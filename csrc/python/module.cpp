@@ -10,7 +10,7 @@ PyMethodDef methods[] = {
     {"ema_plan_new", ema_plan_new, METH_VARARGS,
      "ema_plan_new(ema_module, model_module, dicts, keys, values, groups, mode) -> plan"},
     {"ema_plan_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(ema_plan_step)), METH_FASTCALL,
-     "ema_plan_step(plan, ema_module, model_module, decay) -> True (updated) or False (stale, nothing written)"},
+     "ema_plan_step(plan, ema_module, model_module, decay, guard=None) -> True (updated) or False (stale, nothing written)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

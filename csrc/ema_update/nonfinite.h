@@ -1,0 +1,17 @@
+// NOTE: [nonfinite guard] An update called with a guard tensor (int64, 2 elements, on the tensors' device) first
+// looks for a NaN or Inf in every model span; when it finds one nothing is written, guard[0] becomes 1 and
+// guard[1] (the number of skipped updates) grows by one, all on the device (no host sync). A float is NaN or
+// Inf exactly when all its exponent bits are set: one integer test per element serves every dtype.
+#pragma once
+#include <cstdint>
+
+#include "ema_kind.h"
+
+namespace torchutils_ext {
+
+constexpr uint64_t exponent_mask(EmaDtype t) {
+  return t == EmaDtype::F32 ? 0x7F800000ull : t == EmaDtype::F16 ? 0x7C00ull
+       : t == EmaDtype::BF16 ? 0x7F80ull : 0x7FF0000000000000ull;
+}
+
+}  // namespace torchutils_ext
