@@ -14,7 +14,7 @@ import torch
 
 from . import _cuda_arch, _reference
 from ._load import build_info, load_compiled
-from ._validate import check_guard, tensor_list
+from ._validate import check_guard, new_biases, tensor_list
 
 OPS = ('ema_update_', 'fold_conv_bn', 'fold_conv_bn_', 'count_zeros')
 BACKENDS = ('auto', 'ext', 'torch')
@@ -129,7 +129,7 @@ if COMPILED:
     @torch.library.register_fake('torchutils_ext::fold_conv_bn')
     def _fold_fake(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
         _fold_devices(weight, bias, bn_weight, bn_bias, mean, var)
-        return [torch.empty_like(w) for w in weight], _fold_bias_fake(weight, transposed_groups)
+        return [torch.empty_like(w) for w in weight], new_biases(weight, transposed_groups)
 
     @torch.library.register_fake('torchutils_ext::fold_conv_bn_')
     def _fold_inplace_fake(weight, bias_out, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
@@ -150,10 +150,6 @@ def _fold_devices(weight, *lists):
     if len(weight):
         _one_device('fold_conv_bn', weight[0].device, weight=weight,
                     **{f'argument {k}': ts for k, ts in enumerate(lists, 2)})
-
-
-def _fold_bias_fake(weight, transposed_groups):
-    return [w.new_empty(w.shape[1] * g if g else w.shape[0]) for w, g in zip(weight, transposed_groups)]
 
 
 def _device_of(tensors, default='cpu'):
@@ -205,7 +201,7 @@ def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_gr
         if len(weight) and use_ext('fold_conv_bn', _device_of(weight)):
             args = (bias, bn_weight, bn_bias, mean, var, eps, transposed_groups)
             if inplace:
-                out_b = _fold_bias_fake(weight, transposed_groups)  # right shape, dtype, device
+                out_b = new_biases(weight, transposed_groups)  # right shape, dtype, device
                 _lib.fold_conv_bn_(weight, out_b, *args)
                 return list(weight), out_b
             return _lib.fold_conv_bn(weight, *args)

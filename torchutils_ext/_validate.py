@@ -155,6 +155,16 @@ def check_ema_args(ema, model, decay, decay_tensor, mode, guard=None):
             raise ValueError('an ema tensor shares memory with a model tensor')
 
 
+def out_channels(w, transposed_groups):
+    """Output channels of a layer's weight: axis 0 (Conv/Linear), or axis 1 times the groups (ConvTranspose)."""
+    return w.shape[1] * transposed_groups if transposed_groups else w.shape[0]
+
+
+def new_biases(weight, transposed_groups):
+    """Uninitialised bias outputs of the fold: one per layer, contiguous, the weight's dtype and device."""
+    return [w.new_empty(out_channels(w, g)) for w, g in zip(weight, transposed_groups)]
+
+
 def check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
     weight = tensor_list('weight', weight)
     lists = {'bias': tensor_list('bias', bias, True), 'bn_weight': tensor_list('bn_weight', bn_weight, True),
@@ -172,7 +182,7 @@ def check_fold_args(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed
         g = transposed_groups[i]
         if g < 0 or (g and w.shape[0] % g):
             raise ValueError(f'transposed_groups[{i}]={g} does not divide the {w.shape[0]} input channels')
-        c = w.shape[1] * g if g else w.shape[0]
+        c = out_channels(w, g)
         for name, xs in lists.items():
             x = xs[i]
             if x is None:
