@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (name, file, text, replacement)
 MUTANTS = [
     ('ema decay step uses updates, not updates + 1', 'torchutils_ext/ema.py',
-     'd = self.decay(self.updates + 1)', 'd = self.decay(self.updates)'),
+     'return self.decay(self._updates + 1), None', 'return self.decay(self._updates), None'),
     ('twin EMA rounding order: one fused multiply-add instead of the seed steps', 'torchutils_ext/_reference.py',
      '        tmp = ms if scratch_is_free else None\n        if tmp is None:\n            tmp = torch._foreach_mul(ms, omd)'
      '\n        else:\n            torch._foreach_mul_(tmp, omd)\n        torch._foreach_mul_(es, d)\n'
@@ -49,6 +49,10 @@ MUTANTS = [
     ('slot check always says current', 'torchutils_ext/_ema_plan.py',
      '    def current(self, ema, model) -> bool:',
      '    def current(self, ema, model) -> bool:\n        return True\n\n    def _unused(self, ema, model):'),
+    ('guard: the twin never finds a NaN/Inf', 'torchutils_ext/_reference.py',
+     '        if all(ok):\n            return torch.zeros((), dtype=torch.bool)',
+     '        if True:\n            return torch.zeros((), dtype=torch.bool)'),
+    ('guard: capturable ramp from updates, not updates + 1', 'torchutils_ext/ema.py', 'torch.neg(c + 1)', 'torch.neg(c)'),
     ('sparsity divides by the parameter count, not the element count', 'torchutils_ext/sparsity.py',
      'return _zeros(params) / sum(p.numel() for p in params)', 'return _zeros(params) / len(params)'),
 ]
