@@ -35,6 +35,20 @@ def _copy_model(model):
 
 
 
+def _state_device(module):
+    """The device of the module's first floating parameter or buffer (the CPU when it has none)."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return local(t).device
+    return torch.device('cpu')
+
+
+def _counter(updates, device):
+    """The capturable update counter: float64 (float32 on MPS), one element. NOTE: 1-d, not 0-d: torch 2.13's
+    compiled graphs (aot_eager) drop in-place updates of 0-d float64 tensors."""
+    return torch.full((1,), float(updates), device=device, dtype=torch.float64 if has_float64(device) else torch.float32)
+
+
 class ModelEMA:
     """Updated Exponential Moving Average (EMA) of everything in the model's state_dict (parameters, buffers).
 
@@ -73,9 +87,15 @@ class ModelEMA:
             if not isinstance(flag, bool):
                 raise TypeError(f'{name} must be True or False, got {flag!r}')
         self.ema = _copy_model(de_parallel(model)).eval()  # FP32 EMA
-        self._count = None  # capturable: the device counter, made at the first update
+        self._count = None  # capturable: the counter, a device tensor
         self._guard = None  # skip_nonfinite: int64 [skipped this step, skipped in all] on the EMA's device
         self.updates = updates
+        # made here, not at the first update: a compiled first update must find them as inputs to mutate
+        device = _state_device(self.ema)
+        if capturable:
+            self._count = _counter(updates, device)
+        if skip_nonfinite:
+            self._guard = torch.zeros(2, dtype=torch.int64, device=device)
         self.decay = lambda x: decay * (1 - math.exp(-x / tau))  # exponential ramp helps early epochs
         self._ramp = (decay, tau)
         self.mode = mode
@@ -120,11 +140,10 @@ class ModelEMA:
             return self.decay(self._updates + 1), guard
         c = self._count
         if c is None or c.device != device:
-            dtype = torch.float64 if has_float64(device) else torch.float32
-            self._count = c = torch.tensor(float(self.updates), dtype=dtype, device=device)
+            self._count = c = _counter(self.updates, device)
         decay, tau = self._ramp
         # the seed's decay * (1 - exp(-x / tau)) for x = updates + 1, each operation rounded as Python rounds it
-        return torch.rsub(torch.exp(torch.neg(c + 1).div_(tau)), 1).mul_(decay), guard
+        return torch.rsub(torch.exp(torch.neg(c + 1).div_(tau)), 1).mul_(decay).view(()), guard
 
     def update(self, model):
         model = de_parallel(model)
