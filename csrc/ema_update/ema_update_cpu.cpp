@@ -140,11 +140,39 @@ TUE_ALWAYS_INLINE void seed_span(E* e, const M* m, int64_t n, double d, double o
   }
 }
 
+// A fast_math_pair pair with a half side (fp32 EMA of an fp16 model, fp16/fp16), through float blocks in L1: the
+// same float math as the element loop below, with the conversions vectorised (F16C, round to nearest even, as
+// c10 converts).
+template <typename E, typename M>
+TUE_ALWAYS_INLINE void fast_blocked(E* e, const M* m, int64_t n, float d, float omd, bool lerp) {
+  alignas(64) float a[kBlock];
+  alignas(64) float b[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int k = static_cast<int>(std::min<int64_t>(kBlock, n - i0));
+    float* __restrict__ v = a;
+    if constexpr (std::is_same_v<E, float>) v = e + i0;  // an fp32 EMA is updated where it lies
+    else load_block<true, E>(e + i0, a, k);
+    load_block<true, M>(m + i0, b, k);
+    const float* __restrict__ x = b;
+    if (lerp) {
+      for (int i = 0; i < k; ++i) v[i] = ema_lerp<float>(v[i], x[i], omd);
+    } else {
+      for (int i = 0; i < k; ++i) v[i] = ema_yolov5<float>(v[i], x[i], d, omd);
+    }
+    if constexpr (!std::is_same_v<E, float>) store_block<true, E>(a, e + i0, k);
+  }
+}
+
 // d and 1 - d arrive as float64 (the seed's Python floats) and are rounded here to the opmath each step uses.
 template <bool F16C, typename E, typename M>
 TUE_ALWAYS_INLINE void ema_span_body(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
   // the six fast_math_pair pairs (ema_kind.h): one opmath, one rounding into E
-  if constexpr (std::is_same_v<E, M> || (std::is_same_v<E, float> && !std::is_same_v<M, double>)) {
+  if constexpr (F16C && (std::is_same_v<E, at::Half> || std::is_same_v<M, at::Half>) &&
+                (std::is_same_v<E, M> || std::is_same_v<E, float>)) {
+    // a half EMA or model: the same math a block at a time, converted 8 at a time (load_block/store_block)
+    const float od = static_cast<float>(d), oo = static_cast<float>(omd);
+    fast_blocked<E, M>(static_cast<E*>(e), static_cast<const M*>(m), n, od, oo, lerp);
+  } else if constexpr (std::is_same_v<E, M> || (std::is_same_v<E, float> && !std::is_same_v<M, double>)) {
     using O = typename Cpu<E>::Op;
     const O od = static_cast<O>(d), oo = static_cast<O>(omd);
     if (lerp)
