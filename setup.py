@@ -5,12 +5,17 @@ Environment:
   TORCHUTILS_EXT_CUDA=0|1   force the CUDA kernels off / on (on = fail loudly if they cannot be built)
   TORCH_CUDA_ARCH_LIST      GPU archs to build for (default: the visible GPU's, else DEFAULT_ARCHS below)
   CUDA_HOME                 CUDA toolkit root (default: found from the real nvcc, or /usr/local/cuda)
+  TORCHUTILS_EXT_OPENMP=0   build the CPU kernels serial even where torch runs its own ops on OpenMP threads
+  OMP_PREFIX                macOS: where libomp's include/omp.h is, if not in torch, Homebrew or conda
 Always install with --no-build-isolation: the build must use the torch that will import the extension.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -36,6 +41,97 @@ def _find_cuda_home():
                                                                                           'host_config.h')):
             return c
     return None
+
+
+def _omp_runtime_loaded():
+    """The OpenMP runtime torch loaded in this process ('gomp', 'omp', 'iomp5'), from /proc/self/maps (Linux) or
+    torch/lib (macOS wheels ship libomp.dylib there); None if none is found."""
+    try:
+        with open('/proc/self/maps') as f:
+            names = {os.path.basename(line.split()[-1]) for line in f if '/' in line}
+    except OSError:
+        import torch
+        names = set(os.listdir(os.path.join(os.path.dirname(torch.__file__), 'lib')))
+    for name in sorted(names):
+        m = re.match(r'lib(gomp|iomp5|omp)[.-]', name)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _macos_omp_include(torch_dir):
+    """A folder holding omp.h for Apple clang (which ships none): $OMP_PREFIX, torch's own include, Homebrew's
+    libomp, conda's."""
+    roots = [os.environ.get('OMP_PREFIX'), torch_dir]
+    try:
+        roots.append(subprocess.run(['brew', '--prefix', 'libomp'], capture_output=True, text=True,
+                                    timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    roots.append(os.environ.get('CONDA_PREFIX'))
+    for root in filter(None, roots):
+        if os.path.isfile(os.path.join(root, 'include', 'omp.h')):
+            return os.path.join(root, 'include')
+    return None
+
+
+def _compiles(cxx, cflags, lflags):
+    """Whether cxx builds and links a shared library with an OpenMP parallel region under these flags."""
+    src = '#include <omp.h>\nint f() { int n = 0;\n#pragma omp parallel\n{ n = omp_get_num_threads(); }\nreturn n; }\n'
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, 't.cpp'), 'w') as f:
+            f.write(src)
+        cmd = [cxx, *cflags, '-fPIC', '-shared', os.path.join(d, 't.cpp'), '-o', os.path.join(d, 't.so'), *lflags]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
+def _cpu_parallel(torch):
+    """(cxx flags, link flags, build-info entry) that put the CPU kernels' at::parallel_for on torch's threads.
+
+    ATen/Config.h says how the headers we compile against parallelise. The native thread pool lives in libtorch:
+    nothing to add. OpenMP: at::parallel_for is inline `#pragma omp parallel`, which runs serially unless we
+    compile with OpenMP too, and it must be torch's runtime (a second one would not follow torch.set_num_threads
+    and its idle threads would spin beside torch's): gcc's -fopenmp where torch runs libgomp, clang's where it
+    runs LLVM's libomp (Apple clang: -Xpreprocessor -fopenmp, omp.h from libomp, torch's own libomp.dylib). Any
+    other pairing, or a toolchain that cannot build it, gives serial kernels and a message saying so.
+    """
+    torch_dir = os.path.dirname(torch.__file__)
+    with open(os.path.join(torch_dir, 'include', 'ATen', 'Config.h')) as f:
+        openmp = re.search(r'#define\s+AT_PARALLEL_OPENMP\s+1', f.read()) is not None
+    if not openmp:
+        return [], [], 'native thread pool'
+    if os.environ.get('TORCHUTILS_EXT_OPENMP') == '0':
+        return [], [], 'serial (TORCHUTILS_EXT_OPENMP=0)'
+    cxx = os.environ.get('CXX', 'c++')
+    try:
+        version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ''
+    clang, runtime = 'clang' in version, _omp_runtime_loaded()
+    cflags, lflags = ['-fopenmp'], ['-fopenmp']
+    if sys.platform == 'darwin' and runtime == 'omp':
+        inc = _macos_omp_include(torch_dir)
+        lib = os.path.join(torch_dir, 'lib')
+        cflags = ['-Xpreprocessor', '-fopenmp'] + (['-I' + inc] if inc else [])
+        lflags = ['-L' + lib, '-lomp', '-Wl,-rpath,' + lib]
+    elif runtime != ('omp' if clang else 'gomp'):
+        return [], [], _serial(f"{'clang' if clang else cxx} cannot use torch's OpenMP runtime "
+                               f"({'lib' + runtime if runtime else 'none found'})",
+                               'build with g++ where torch runs libgomp (the Linux wheels)')
+    if not _compiles(cxx, cflags, lflags):
+        return [], [], _serial(f"{cxx} {' '.join(cflags)} does not build OpenMP code here",
+                               'brew install libomp, or set OMP_PREFIX' if sys.platform == 'darwin' else
+                               "install the compiler's OpenMP support (libgomp)")
+    return cflags, lflags, f'OpenMP (lib{runtime})'
+
+
+def _serial(why, fix):
+    print(f"torchutils_ext: WARNING: the CPU kernels will run on one thread, while torch's own ops use "
+          f"torch.get_num_threads(): {why}. To fix: {fix}.", file=sys.stderr)
+    return f'serial: {why}'
 
 
 def _sources(pattern):
@@ -69,11 +165,13 @@ def _extensions():
     cpp = _sources('csrc/**/*.cpp')
     srcs = [p for p in cpp if not p.endswith('_cuda.cpp')]
     include_dirs = [os.path.join(ROOT, 'csrc')]
+    omp_cflags, omp_lflags, parallel = _cpu_parallel(torch)
+    cxx += omp_cflags
     build_info = {'ext': True, 'cuda': use_cuda, 'torch_built_with': torch.__version__, 'cuda_version': torch.version.cuda
-                  if use_cuda else None, 'cuda_arch_list': None}
+                  if use_cuda else None, 'cuda_arch_list': None, 'cpu_parallel': parallel}
     if not use_cuda:
         ext = cpp_extension.CppExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
-                                         extra_compile_args={'cxx': cxx})
+                                         extra_compile_args={'cxx': cxx}, extra_link_args=omp_lflags)
         return [ext], build_info
 
     os.environ['CUDA_HOME'] = cuda_home
@@ -98,7 +196,7 @@ def _extensions():
     nvcc = ['-O3', '--fmad=false', '-lineinfo', '--expt-relaxed-constexpr']
     ext = cpp_extension.CUDAExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
                                       define_macros=[('TORCHUTILS_EXT_WITH_CUDA', '1')],
-                                      extra_compile_args={'cxx': cxx, 'nvcc': nvcc})
+                                      extra_compile_args={'cxx': cxx, 'nvcc': nvcc}, extra_link_args=omp_lflags)
     return [ext], build_info
 
 

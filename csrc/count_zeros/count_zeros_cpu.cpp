@@ -1,8 +1,8 @@
 // CPU kernel of count_zeros: one pass over every tensor's memory, int64 totals, one 0-d result.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/parallel.h"
 #include "../common/simd.h"
 #include "zero_bits.h"
 
@@ -69,15 +69,19 @@ at::Tensor count_zeros_cpu(at::TensorList tensors) {
       total += t.eq(0).sum().item<int64_t>();  // eq serves more dtypes than count_nonzero
     }
   }
+  // one count per item, summed in item order afterwards: an exact int64 total at any thread count
   std::vector<int64_t> counts(work.size());
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t w = lo; w < hi; ++w) {
-      const auto& it = work[w];
-      const auto& t = tensors[it.tensor];
-      const char* p = static_cast<const char*>(t.data_ptr()) + it.begin * t.element_size();
-      counts[w] = count_dispatch(bits[it.tensor], p, it.end - it.begin);
-    }
-  });
+  parallel_items(
+      CpuKernel::CountZeros, static_cast<int64_t>(work.size()),
+      [&](int64_t w) { return (work[w].end - work[w].begin) * bits[work[w].tensor].elem_size; },
+      [&](int64_t lo, int64_t hi) {
+        for (int64_t w = lo; w < hi; ++w) {
+          const auto& it = work[w];
+          const auto& t = tensors[it.tensor];
+          const char* p = static_cast<const char*>(t.data_ptr()) + it.begin * t.element_size();
+          counts[w] = count_dispatch(bits[it.tensor], p, it.end - it.begin);
+        }
+      });
   for (int64_t c : counts) total += c;
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kLong));
 }

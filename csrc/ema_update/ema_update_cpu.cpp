@@ -1,6 +1,5 @@
 // CPU kernel of ema_update_: one pass over all (tensor, range) chunks, plain loops the compiler vectorises.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../common/parallel.h"
 #include "../common/simd.h"
 #include "ema_math.h"
 #include "ema_runner.h"
@@ -278,12 +278,15 @@ bool span_nonfinite(EmaDtype t, const void* p, int64_t n) {
   }
 }
 
+// Exact at any thread count: a thread stops early only once some thread has found a NaN/Inf.
 bool any_nonfinite(const std::vector<Work>& work) {
   std::atomic<bool> found{false};
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t w = lo; w < hi && !found.load(std::memory_order_relaxed); ++w)
-      if (span_nonfinite(model_dtype_of(work[w].kind), work[w].m, work[w].n)) found.store(true);
-  });
+  parallel_items(
+      CpuKernel::NonfiniteCheck, static_cast<int64_t>(work.size()), [&](int64_t w) { return work[w].n * work[w].m_size; },
+      [&](int64_t lo, int64_t hi) {
+        for (int64_t w = lo; w < hi && !found.load(std::memory_order_relaxed); ++w)
+          if (span_nonfinite(model_dtype_of(work[w].kind), work[w].m, work[w].n)) found.store(true);
+      });
   return found.load();
 }
 
@@ -306,14 +309,17 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
     g[1] += g[0];
     if (g[0]) return;  // nothing written (the contiguous copies of strided pairs are dropped)
   }
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t w = lo; w < std::min(hi, lo + kAhead); ++w) prefetch_item(work[w]);
-    for (int64_t w = lo; w < hi; ++w) {
-      if (w + kAhead < hi) prefetch_item(work[w + kAhead]);
-      const Work& it = work[w];
-      ema_dispatch(it.kind, it.e, it.m, it.n, d, omd, call.lerp);
-    }
-  });
+  parallel_items(
+      CpuKernel::EmaUpdate, static_cast<int64_t>(work.size()),
+      [&](int64_t w) { return work[w].n * (2 * work[w].e_size + work[w].m_size); },
+      [&](int64_t lo, int64_t hi) {
+        for (int64_t w = lo; w < std::min(hi, lo + kAhead); ++w) prefetch_item(work[w]);
+        for (int64_t w = lo; w < hi; ++w) {
+          if (w + kAhead < hi) prefetch_item(work[w + kAhead]);
+          const Work& it = work[w];
+          ema_dispatch(it.kind, it.e, it.m, it.n, d, omd, call.lerp);
+        }
+      });
   spans.write_back();
 }
 

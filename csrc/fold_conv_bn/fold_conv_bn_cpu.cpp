@@ -1,11 +1,13 @@
 // CPU kernel of fold_conv_bn / fold_conv_bn_: per layer, BN factors per output channel (see [fold math]), then
-// one scaling pass over the weight rows.
+// one scaling pass over all layers' weight rows.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
+#include <vector>
 
+#include "../common/parallel.h"
 #include "../common/simd.h"
 #include "fold_args.h"
 #include "fold_math.h"
@@ -72,41 +74,61 @@ TUE_TARGET_AVX2 void scale_rows_avx2(const T* src, T* dst, const O* scale, int64
   scale_rows_body<T, O>(src, dst, scale, lo, hi, L);
 }
 
+// Rows [lo, hi) of one layer scaled by their channels' factors, whatever its types (see Layer).
 template <typename T, typename O>
-void fold_layer(const FoldArgs& a, size_t i, const RowsIO& io, const at::Tensor& out_b) {
+void scale_rows(const void* src, void* dst, const void* scale, int64_t lo, int64_t hi, const RowLayout& L) {
+  const T* s = static_cast<const T*>(src);
+  T* d = static_cast<T*>(dst);
+  const O* f = static_cast<const O*>(scale);
+  if (cpu_has_avx2()) scale_rows_avx2<T, O>(s, d, f, lo, hi, L);
+  else scale_rows_body<T, O>(s, d, f, lo, hi, L);
+}
+
+// One layer, ready for its scaling pass: what it reads and writes, and its factors in its opmath type.
+struct Layer {
+  RowsIO io;
+  const void* src = nullptr;
+  void* dst = nullptr;
+  std::vector<float> scale_f;
+  std::vector<double> scale_d;
+  const void* scale = nullptr;
+  void (*scale_rows)(const void*, void*, const void*, int64_t, int64_t, const RowLayout&) = nullptr;
+  int64_t rows = 0, row_bytes = 0;  // rows to scale, bytes read and written per row
+};
+
+// The per-channel factors and the new bias of layer i (serial: O(channels)).
+template <typename T, typename O>
+void prepare_layer(const FoldArgs& a, size_t i, const at::Tensor& out_b, Layer& layer) {
   const int64_t c = a.channels(i);
   const O eps = static_cast<O>(a.eps[i]);
   const ChannelVec<O> var(a.var[i], O(0)), mean(a.mean[i], O(0)), bw(a.bn_weight.get(i), O(1)),
       bb(a.bn_bias.get(i), O(0)), b(a.bias.get(i), O(0));
-  std::vector<O> scale(c);
+  std::vector<O>& scale = [&]() -> std::vector<O>& {
+    if constexpr (std::is_same_v<O, double>) return layer.scale_d;
+    else return layer.scale_f;
+  }();
+  scale.resize(c);
   T* ob = out_b.data_ptr<T>();
   for (int64_t k = 0; k < c; ++k) {
     scale[k] = fold_scale<O>(bw[k], var[k], eps);
     const O shift_b = bb[k];
     ob[k] = static_cast<T>(fold_shift<O>(b[k], mean[k], scale[k], bb.p ? &shift_b : nullptr));
   }
-  const RowLayout& L = io.L;
-  if (L.K == 0) return;
-  const T* src = io.src.data_ptr<T>();
-  T* dst = io.dst.data_ptr<T>();
-  const int64_t rows = io.src.numel() / L.K;
-  const bool avx2 = cpu_has_avx2();
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / L.K), [&](int64_t lo, int64_t hi) {
-    if (avx2) scale_rows_avx2<T, O>(src, dst, scale.data(), lo, hi, L);
-    else scale_rows_body<T, O>(src, dst, scale.data(), lo, hi, L);
-  });
+  layer.scale = scale.data();
+  layer.src = layer.io.src.data_ptr();
+  layer.dst = layer.io.dst.data_ptr();
+  layer.scale_rows = &scale_rows<T, O>;
+  const int64_t K = layer.io.L.K;
+  layer.rows = K ? layer.io.src.numel() / K : 0;
+  layer.row_bytes = 2 * K * static_cast<int64_t>(sizeof(T));
 }
 
-void fold_one(const FoldArgs& a, size_t i, const at::Tensor& out_w, at::Tensor& out_b) {
-  const auto& w = a.weight[i];
-  const RowsIO io = rows_io(w, out_w, a.transposed_groups[i]);
-  if (!out_b.defined()) out_b = at::empty({a.channels(i)}, w.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fold_conv_bn", [&] {
-    using O = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    fold_layer<scalar_t, O>(a, i, io, out_b);
-  });
-  io.finish();
-}
+// Work items of the scaling pass: a range of one layer's rows, about kItemElems elements (at least one row).
+constexpr int64_t kItemElems = 1 << 15;
+struct Item {
+  int32_t layer;
+  int64_t lo, hi;
+};
 
 std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tensor>& out_w,
                                   std::vector<at::Tensor> out_b) {
@@ -114,7 +136,34 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
     TORCH_CHECK_VALUE(a.weight[i].device().is_cpu(), "fold_conv_bn: weight[", i, "] is on ",
                       a.weight[i].device(), "; the CPU kernel takes CPU tensors only");
   }
-  for (size_t i = 0; i < a.weight.size(); ++i) fold_one(a, i, out_w[i], out_b[i]);
+  // Every layer's factors and bias first, then one scaling pass over all layers' rows on torch's threads
+  // (outputs never overlap inputs: check_fold_outputs), then the copies back of layouts walked as copies.
+  std::vector<Layer> layers(a.weight.size());
+  std::vector<Item> items;
+  for (size_t i = 0; i < a.weight.size(); ++i) {
+    const auto& w = a.weight[i];
+    Layer& layer = layers[i];
+    layer.io = rows_io(w, out_w[i], a.transposed_groups[i]);
+    if (!out_b[i].defined()) out_b[i] = at::empty({a.channels(i)}, w.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fold_conv_bn", [&] {
+      using O = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      prepare_layer<scalar_t, O>(a, i, out_b[i], layer);
+    });
+    const int64_t step = std::max<int64_t>(1, kItemElems / std::max<int64_t>(layer.io.L.K, 1));
+    for (int64_t r = 0; r < layer.rows; r += step)
+      items.push_back({static_cast<int32_t>(i), r, std::min(layer.rows, r + step)});
+  }
+  parallel_items(
+      CpuKernel::FoldScale, static_cast<int64_t>(items.size()),
+      [&](int64_t t) { return (items[t].hi - items[t].lo) * layers[items[t].layer].row_bytes; },
+      [&](int64_t lo, int64_t hi) {
+        for (int64_t t = lo, u; t < hi; t = u) {  // a layer's run of items in one call: its rows in 4 streams
+          for (u = t + 1; u < hi && items[u].layer == items[t].layer;) ++u;
+          const Layer& l = layers[items[t].layer];
+          l.scale_rows(l.src, l.dst, l.scale, items[t].lo, items[u - 1].hi, l.io.L);
+        }
+      });
+  for (const Layer& l : layers) l.io.finish();
   return out_b;
 }
 
