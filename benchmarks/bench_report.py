@@ -3,18 +3,34 @@ import json
 import os
 
 import bench_chart
-from bench_targets import SAME_NUMERICS, evaluate
+from bench_targets import SAME_NUMERICS, evaluate, evaluate_threaded
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
           'fuse': 'Conv+BN fusion, every pair of the model', 'sparsity': 'sparsity(model)',
-          'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)'}
+          'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)',
+          'raw-ema': 'Raw ema_update_ on lists past the caches (128 x 256 KiB fp32 EMA + the same model)',
+          'raw-count': 'Raw count_zeros on a list past the caches (128 x 256 KiB fp32, 30% zeros)'}
+
+
+def _stem(device, quick, threads=None):
+    """results/<device>[-quick][-t<threads>]: one run's tables; without threads, the side-by-side tables (or the
+    tables of a run at one thread count)."""
+    return os.path.join(RESULTS_DIR, f"{device}{'-quick' if quick else ''}{'' if threads is None else f'-t{threads}'}")
 
 
 class Report:
-    def __init__(self, device, quick, info):
-        self.device, self.quick, self.info = device, quick, info
+    def __init__(self, device, quick, info, per_count=False):
+        """per_count: this run is one of several thread counts (written as -t<threads>, merged by side_by_side)."""
+        self.device, self.quick, self.info, self.per_count = device, quick, info, per_count
         self.rows, self.roof, self.roof_runs = [], None, None
+
+    @staticmethod
+    def remove(device, quick, threads):
+        for ext in ('.json', '.md', '.svg'):
+            path = _stem(device, quick, threads) + ext
+            if os.path.exists(path):
+                os.remove(path)
 
     def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note=''):
         """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours' | 'limit' (a bandwidth yardstick,
@@ -79,7 +95,7 @@ class Report:
 
     def write(self):
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = os.path.join(RESULTS_DIR, f"{self.device}{'-quick' if self.quick else ''}")
+        stem = _stem(self.device, self.quick, self.info['threads'] if self.per_count else None)
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': self.info, 'quick': self.quick, 'roofline': self.roof,
                        'roofline_runs': self.roof_runs, 'rows': self.rows},
@@ -117,12 +133,102 @@ def _cells(r):
             _fmt(r.get('pct_limit'), '.0f'), _fmt(r['launches'], 'd'), r['check'], ' '.join(x for x in (r.get('target', ''), r['note']) if x)]
 
 
+def side_by_side(first, other_counts, default):
+    """The tables of `first` (this process's finished Report) and of the runs at other_counts (read from their
+    -t<N>.json) side by side: per count the median and the ratios to the seed and to the best peer of that count,
+    the speed-up from the first count to each other, and the targets. Written as results/<device>[-quick].md/.json
+    (the chart: the default count's). Returns (markdown, stem)."""
+    runs = [{'machine': first.info, 'roofline': first.roof, 'rows': first.rows}]
+    for n in other_counts:
+        path = _stem(first.device, first.quick, n) + '.json'
+        if os.path.exists(path):
+            with open(path) as f:
+                runs.append(json.load(f))
+    md = _side_by_side_markdown(first.device, first.quick, runs, default)
+    stem = _stem(first.device, first.quick)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(stem + '.json', 'w') as f:
+        json.dump({'quick': first.quick, 'default_threads': default, 'runs': runs}, f, indent=1, default=str)
+    with open(stem + '.md', 'w') as f:
+        f.write(md + '\n')
+    shown = next((r for r in runs if r['machine']['threads'] == default), runs[-1])
+    i = shown['machine']
+    chart = bench_chart.svg(shown['rows'], TITLES, f"torchutils_ext speed-up, {first.device}"
+                            f"{' (quick)' if first.quick else ''}: {i['cpu']}, torch {i['torch']}, {i['threads']} "
+                            f"thread(s), {i['date']}, commit {i.get('commit', 'unknown')}")
+    if chart:
+        with open(stem + '.svg', 'w') as f:
+            f.write(chart)
+    return md, stem
+
+
+def _side_by_side_markdown(device, quick, runs, default):
+    counts = [r['machine']['threads'] for r in runs]
+    keyed = [{(r['bench'], r['model'], r['impl']): r for r in run['rows']} for run in runs]
+    at = counts.index(default) if default in counts else len(counts) - 1  # the count the threaded targets use
+    i = runs[0]['machine']
+    lines = [f"# torchutils_ext benchmarks ({device}{', quick' if quick else ''}), "
+             f"{' and '.join(_threads(n, default) for n in counts)}", '',
+             f"{i['date']} · commit {i.get('commit', 'unknown')} · CPU: {i['cpu']} ({i['cpu_count']} logical) · "
+             f"torch {i['torch']} · torchutils_ext {i.get('torchutils_ext')}", '',
+             'Each thread count timed in a process of its own (rows interleaved within it, as in each count\'s '
+             'full table: ' + ', '.join(f"`{os.path.basename(_stem(device, quick, n))}.md`" for n in counts) +
+             ', with min–max, % roofline and % limit). x seed / x best: speed-up over the seed / over the fastest '
+             'correct row that is not ours, at the same thread count. ' +
+             ' '.join(f'x {counts[0]}→{n}: the row\'s own speed-up from {counts[0]} to {n} threads.' for n in counts[1:]) +
+             ' Roofline (`dst.add_(src)`, 256 MiB): ' +
+             ', '.join(f"{run['roofline']['gb_per_s']:.1f} GB/s at {n}" for n, run in zip(counts, runs)
+                       if run.get('roofline')) + '.', '']
+    head = ['model', 'implementation']
+    for n in counts:
+        head += [f'{_threads(n, default)}: ms', 'x seed', 'x best']
+    head += [f'x {counts[0]}→{n}' for n in counts[1:]] + ['check', 'target']
+    for bench, title in TITLES.items():
+        rows = [r for r in runs[0]['rows'] if r['bench'] == bench]
+        if not rows:
+            continue
+        lines += [f'## {title}', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for r in rows:
+            key = (r['bench'], r['model'], r['impl'])
+            same = [k.get(key) or {'median_ms': None, 'check': 'not run'} for k in keyed]
+            cells = [r['model'], r['impl']]
+            for x in same:
+                ms = x.get('median_ms')
+                cells += ['—' if ms is None else format(ms, '.3f' if ms < 10 else '.1f'),
+                          _fmt(x.get('vs_seed'), '.2f'), _fmt(x.get('vs_best'), '.2f')]
+            scaling = [same[0]['median_ms'] / x['median_ms'] if same[0].get('median_ms') and x.get('median_ms')
+                       else None for x in same[1:]]
+            cells += [_fmt(v, '.2f') for v in scaling]
+            checks = {x.get('check', '') for x in same}
+            cells.append(checks.pop() if len(checks) == 1 else
+                         '; '.join(f"{n}: {x.get('check', '')}" for n, x in zip(counts, same)))
+            group = [x for x in runs[at]['rows'] if (x['bench'], x['model']) == key[:2]]
+            threaded = evaluate_threaded(same[at], group, scaling[at - 1] if at else None, device)
+            own = [f"{n}: {x['target']}" for n, x in zip(counts, same) if x.get('target')]
+            cells.append('; '.join(own + ([f'at {counts[at]}: {threaded}'] if threaded else []) +
+                                   ([r['note']] if r.get('note') else [])))
+            lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def _threads(n, default):
+    return f"{n} thread{'s' if n > 1 else ''}{' (default)' if n == default else ''}"
+
+
 def rerender(json_path):
     """Tables and chart again from a run's json (after a change to the report's layout; nothing is re-timed)."""
     with open(json_path) as f:
         d = json.load(f)
     device = 'cuda' if os.path.basename(json_path).startswith('cuda') else 'cpu'
-    r = Report(device, d['quick'], d['machine'])
+    if 'runs' in d:  # side by side: re-rendered from the counts' rows as stored
+        stem = os.path.splitext(json_path)[0]
+        with open(stem + '.md', 'w') as f:
+            f.write(_side_by_side_markdown(device, d['quick'], d['runs'],
+                                           d['default_threads']) + '\n')
+        return stem
+    per_count = '-t' in os.path.basename(json_path)
+    r = Report(device, d['quick'], d['machine'], per_count=per_count)
     r.roof, r.roof_runs, r.rows = d['roofline'], d.get('roofline_runs'), d['rows']
     r.finalize()
     return r.write()

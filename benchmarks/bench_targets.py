@@ -32,6 +32,11 @@ SAME_NUMERICS = {
     'fuse': ('pure-torch in-place broadcast fold per layer',),
     'sparsity': ('seed loop ((p == 0).sum() per parameter)', 'count_nonzero per parameter, summed'),
 }
+# At torch's default thread count (what users run), read from the side-by-side table: our compiled rows against a
+# named peer of the same count, and the row's own speed-up from the first count (1 thread) to it.
+_THREADED = {('ema', m): [('x foreach lerp, cached lists', '>=', 1.2)] for m in 'nsml'}
+_THREADED[('raw-ema', '*')] = [('scaling', '>=', 1.5)]
+
 _UNITS = {'median_ms': ' ms', 'vs_seed': 'x seed', 'vs_best': 'x best', 'vs_peer': 'x same-numerics peer',
           'pct_roof': '% roof', 'pct_limit': '% limit',
           'launches': ' launch'}
@@ -60,4 +65,25 @@ def evaluate(row, device):
         if not ok:
             shown = 'n/a' if got is None else f'{got:.3g}'
             short.append(f'{shown}{_UNITS[metric]} (want {op} {value:g})')
+    return 'met' if not short else 'short: ' + '; '.join(short)
+
+
+def evaluate_threaded(row, group, scaling, device):
+    """'met' / 'short: ...' / '' for one row of the side-by-side table, at the count the targets are set for.
+    group: that count's rows of the same (bench, model); scaling: the row's speed-up from the first count."""
+    if device != 'cpu' or row.get('median_ms') is None or not row['impl'].startswith('ours') \
+            or '(compiled)' not in row['impl'] or 'skip_nonfinite' in row['impl']:
+        return ''
+    ts = _THREADED.get((row['bench'], row['model']), _THREADED.get((row['bench'], '*'), []))
+    if not ts:
+        return ''
+    short = []
+    for metric, op, value in ts:
+        if metric == 'scaling':
+            got, unit = scaling, 'x over 1 thread'
+        else:
+            peer = next((r for r in group if r['impl'] == metric[2:] and r.get('median_ms')), None)
+            got, unit = (peer['median_ms'] / row['median_ms'] if peer else None), f' {metric}'
+        if got is None or not (got >= value if op == '>=' else got <= value):
+            short.append(f"{'n/a' if got is None else format(got, '.3g')}{unit} (want {op} {value:g})")
     return 'met' if not short else 'short: ' + '; '.join(short)
