@@ -19,7 +19,9 @@
 namespace torchutils_ext {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;  // elements per work item: big enough to amortise, small enough to balance
+// Elements per work item, the unit the threads' ranges are cut in (parallel.h): at most one item of imbalance,
+// 5% of yolov5n's update on 2 threads; 16 Ki-element items measured no faster there and 3% slower on 1 thread.
+constexpr int64_t kChunk = 1 << 16;
 constexpr int kBlock = 256;          // elements per step of the seed-rounding pairs: buffers that stay in L1
 
 // Element types as the CPU sees them: opmath type, widening, and rounding (from double via float for half and
