@@ -59,12 +59,19 @@ at::Tensor count_zeros_cpu(at::TensorList tensors) {
                       "; the CPU kernel takes CPU tensors only");
     bits.push_back(zero_bits(t.scalar_type()));
   }
+  std::vector<bool> direct(tensors.size());
+  int64_t elems = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    // dense with positive strides: data_ptr is the lowest address and the elements fill numel slots
+    direct[i] = bits[i].supported && tensors[i].is_non_overlapping_and_dense();
+    elems += direct[i] ? tensors[i].numel() : 0;
+  }
+  const int64_t chunk = item_elems(elems, kChunk);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    if (bits[i].supported && t.is_non_overlapping_and_dense()) {
-      // dense with positive strides: data_ptr is the lowest address and the elements fill numel slots
-      for (int64_t b = 0, n = t.numel(); b < n; b += kChunk)
-        work.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+    if (direct[i]) {
+      for (int64_t b = 0, n = t.numel(); b < n; b += chunk)
+        work.push_back({static_cast<int64_t>(i), b, std::min(n, b + chunk)});
     } else {
       total += t.eq(0).sum().item<int64_t>();  // eq serves more dtypes than count_nonzero
     }

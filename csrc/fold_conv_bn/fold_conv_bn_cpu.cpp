@@ -123,7 +123,8 @@ void prepare_layer(const FoldArgs& a, size_t i, const at::Tensor& out_b, Layer& 
   layer.row_bytes = 2 * K * static_cast<int64_t>(sizeof(T));
 }
 
-// Work items of the scaling pass: a range of one layer's rows, about kItemElems elements (at least one row).
+// Work items of the scaling pass: a range of one layer's rows, at most about kItemElems elements (item_elems in
+// parallel.h; at least one row).
 constexpr int64_t kItemElems = 1 << 15;
 struct Item {
   int32_t layer;
@@ -140,6 +141,9 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
   // (outputs never overlap inputs: check_fold_outputs), then the copies back of layouts walked as copies.
   std::vector<Layer> layers(a.weight.size());
   std::vector<Item> items;
+  int64_t elems = 0;
+  for (const auto& w : a.weight) elems += w.numel();
+  const int64_t item = item_elems(elems, kItemElems);
   for (size_t i = 0; i < a.weight.size(); ++i) {
     const auto& w = a.weight[i];
     Layer& layer = layers[i];
@@ -149,7 +153,7 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
       using O = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       prepare_layer<scalar_t, O>(a, i, out_b[i], layer);
     });
-    const int64_t step = std::max<int64_t>(1, kItemElems / std::max<int64_t>(layer.io.L.K, 1));
+    const int64_t step = std::max<int64_t>(1, item / std::max<int64_t>(layer.io.L.K, 1));
     for (int64_t r = 0; r < layer.rows; r += step)
       items.push_back({static_cast<int32_t>(i), r, std::min(layer.rows, r + step)});
   }
