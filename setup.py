@@ -44,19 +44,20 @@ def _find_cuda_home():
 
 
 def _omp_runtime_loaded():
-    """The OpenMP runtime torch loaded in this process ('gomp', 'omp', 'iomp5'), from /proc/self/maps (Linux) or
-    torch/lib (macOS wheels ship libomp.dylib there); None if none is found."""
+    """(kind, path) of the OpenMP runtime torch loaded in this process: kind 'gomp', 'omp' or 'iomp5', from
+    /proc/self/maps (Linux) or torch/lib (macOS wheels ship libomp.dylib there); (None, None) if none is found."""
     try:
         with open('/proc/self/maps') as f:
-            names = {os.path.basename(line.split()[-1]) for line in f if '/' in line}
+            paths = {line.split()[-1] for line in f if '/' in line}
     except OSError:
         import torch
-        names = set(os.listdir(os.path.join(os.path.dirname(torch.__file__), 'lib')))
-    for name in sorted(names):
-        m = re.match(r'lib(gomp|iomp5|omp)[.-]', name)
+        lib = os.path.join(os.path.dirname(torch.__file__), 'lib')
+        paths = {os.path.join(lib, n) for n in os.listdir(lib)}
+    for path in sorted(paths):
+        m = re.match(r'lib(gomp|iomp5|omp)[.-]', os.path.basename(path))
         if m:
-            return m.group(1)
-    return None
+            return m.group(1), path
+    return None, None
 
 
 def _macos_omp_include(torch_dir):
@@ -95,7 +96,9 @@ def _cpu_parallel(torch):
     nothing to add. OpenMP: at::parallel_for is inline `#pragma omp parallel`, which runs serially unless we
     compile with OpenMP too, and it must be torch's runtime (a second one would not follow torch.set_num_threads
     and its idle threads would spin beside torch's): gcc's -fopenmp where torch runs libgomp, clang's where it
-    runs LLVM's libomp (Apple clang: -Xpreprocessor -fopenmp, omp.h from libomp, torch's own libomp.dylib). Any
+    runs LLVM's libomp, linked against the runtime file torch loaded (wheels may ship a renamed copy, which
+    -fopenmp's own -lgomp would load a second time); Apple clang: -Xpreprocessor -fopenmp, omp.h from libomp,
+    torch's own libomp.dylib. Any
     other pairing, or a toolchain that cannot build it, gives serial kernels and a message saying so.
     """
     torch_dir = os.path.dirname(torch.__file__)
@@ -110,8 +113,9 @@ def _cpu_parallel(torch):
         version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         version = ''
-    clang, runtime = 'clang' in version, _omp_runtime_loaded()
-    cflags, lflags = ['-fopenmp'], ['-fopenmp']
+    clang, (runtime, runtime_path) = 'clang' in version, _omp_runtime_loaded()
+    # linked against the very file torch loaded (its soname: the loader then finds it loaded), not -fopenmp's own
+    cflags, lflags = ['-fopenmp'], [runtime_path]
     if sys.platform == 'darwin' and runtime == 'omp':
         inc = _macos_omp_include(torch_dir)
         lib = os.path.join(torch_dir, 'lib')
