@@ -180,9 +180,9 @@ def test_traced_guard_path_keeps_the_ema_bits(monkeypatch):
     bad_m[1][1, 1] = float('nan')
     guard = torch.zeros(2, dtype=torch.int64)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    _reference.EmaGroups(e, m).apply(0.75, None, 'yolov5', guard)
+    _reference.EmaGroups(e, m).apply(e, m, 0.75, None, 'yolov5', guard)
     assert all(torch.equal(a, b) for a, b in zip(e, ref)) and guard.tolist() == [0, 0]
-    _reference.EmaGroups(e, bad_m).apply(0.75, None, 'yolov5', guard)
+    _reference.EmaGroups(e, bad_m).apply(e, bad_m, 0.75, None, 'yolov5', guard)
     assert all(torch.equal(a, b) for a, b in zip(e, ref)) and guard.tolist() == [1, 1]
 
 
