@@ -350,3 +350,18 @@ def test_report_names_rule_skips_on_a_model_fx_cannot_trace(backend):
     assert report['folded'] == [('blocks.0.conv', 'blocks.0.bn')]
     assert 'hook' in reasons['blocks.1.bn'] and 'cannot be traced' in reasons['b']
     assert any(layer is None and bn is None and 'cannot be traced' in why for layer, bn, why in report['skipped'])
+
+
+def test_a_forward_fuse_that_is_not_act_conv_is_not_switched_to(backend):
+    class Odd(YoloConv):
+        def forward_fuse(self, x):  # not what the fold computes
+            return self.conv(x) * 2
+
+    model = stats(nn.Sequential(Odd(3, 4), YoloConv(4, 4)))
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        ref = model(x)
+        tx.fuse_model(model)
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(model[0].bn, nn.Identity) and 'forward' not in model[0].__dict__
+    assert not hasattr(model[1], 'bn') and model[1].forward == model[1].forward_fuse

@@ -82,14 +82,35 @@ def _conv_bn_forward(self, x):
     return self.bn(self.conv(x))
 
 
-_KNOWN_FORWARDS = {(f.__code__.co_code, f.__code__.co_names) for f in (_yolo_conv_forward, _conv_bn_forward)}
+def _yolo_conv_forward_fuse(self, x):
+    return self.act(self.conv(x))
+
+
+def _conv_forward_fuse(self, x):
+    return self.conv(x)
+
+
+def _code(f):
+    code = getattr(f, '__code__', None)
+    return None if code is None else (code.co_code, code.co_names)
+
+
+# each known forward, and the forward_fuse that computes it with the BN folded away
+_KNOWN = {_code(_yolo_conv_forward): _code(_yolo_conv_forward_fuse), _code(_conv_bn_forward): _code(_conv_forward_fuse)}
+
+
+def fuses_like_yolo(block) -> bool:
+    """The block has the ``forward_fuse`` of its forward with the BN dropped (YOLOv5's/Ultralytics' ``act(conv(x))``):
+    folded, it switches to it and loses ``bn`` (their convention); any other block keeps its forward, with ``bn``
+    made an nn.Identity."""
+    fused = _code(getattr(type(block), 'forward_fuse', None))
+    return fused is not None and _KNOWN.get(_code(type(block).forward)) == fused
 
 
 def known_block(m) -> bool:
     """A block whose forward is exactly ``act(bn(conv(x)))`` or ``bn(conv(x))``: compared as bytecode, so a
     pre-activation block, ``bn(conv(x) + cv2(x))`` (Ultralytics' Conv2) or any other wiring does not match."""
-    code = getattr(type(m).forward, '__code__', None)
-    return code is not None and (code.co_code, code.co_names) in _KNOWN_FORWARDS
+    return _code(type(m).forward) in _KNOWN
 
 
 def _hooked(*modules) -> bool:

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ._fuse_rules import CONV as _CONV
 from ._fuse_rules import buffer as _buffer
-from ._fuse_rules import find_pairs
+from ._fuse_rules import find_pairs, fuses_like_yolo
 from ._fuse_rules import out_channels as _out_channels
 from ._fuse_rules import param as _param
 from ._ops import fold_conv_bn
@@ -149,7 +149,7 @@ def _fold_pairs(found, pairs):
                 bias.copy_(b)
         if how == 'seq':
             parent._modules[bn] = nn.Identity()
-        elif hasattr(parent, 'forward_fuse'):
+        elif fuses_like_yolo(parent):
             delattr(parent, 'bn')
             if _plain_setattr(parent):
                 parent.__dict__['forward'] = parent.forward_fuse  # all Module.__setattr__ does for a method
