@@ -95,3 +95,13 @@ def test_device_count_on_a_cuda_build(monkeypatch):
     assert tx.device_count() == 4
     monkeypatch.setattr(device_mod, '_nvml_count', lambda: None)
     assert tx.device_count() == 0
+
+
+@pytest.mark.parametrize('system', ['Darwin', 'Linux', 'Windows'])
+def test_device_count_on_any_os(monkeypatch, system):
+    """The seed asserts Linux or Windows and shells out to nvidia-smi; ours asks torch or NVML on any OS."""
+    import platform
+    monkeypatch.setattr(platform, 'system', lambda: system)
+    monkeypatch.setattr(device_mod, '_torch_cuda_built', lambda: False)
+    monkeypatch.setattr(device_mod, '_nvml_count', lambda: 2)
+    assert tx.device_count() == 2
