@@ -359,3 +359,22 @@ def test_plan_crossing_rejects_bad_input():
     assert _ops._C.ema_plan_step(h, model, ema, 0.5) is False  # other modules: stale, nothing written
     assert same_state_dict(ema.state_dict(), before)
     assert _ops._C.ema_plan_step(h, ema, model, 0.5) is True
+
+
+def test_model_ema_pickles_and_keeps_its_ramp(backend):
+    import io
+    model = net()
+    ema = tx.ModelEMA(model, tau=7, skip_nonfinite=True)
+    ema.update(model)
+    buf = io.BytesIO()
+    torch.save(ema, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert [again.decay(x) for x in range(50)] == [0.9999 * (1 - math.exp(-x / 7)) for x in range(50)]
+    seed = SeedModelEMA(model, tau=7)
+    seed.ema = copy.deepcopy(again.ema)
+    seed.updates = again.updates
+    train(model)
+    again.update(model)
+    seed.update(model)
+    assert same_state(again.ema, seed.ema) and again.updates == 2

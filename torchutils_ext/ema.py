@@ -69,6 +69,22 @@ def _seed_ramp(decay: float, tau: float):
     return None
 
 
+class SeedRamp:
+    """The seed's decay ramp, ``decay * (1 - math.exp(-x / tau))`` (the same expression, so the same bits), as an
+    object rather than the seed's lambda, so that a ModelEMA pickles (``torch.save(ema)``)."""
+
+    __slots__ = ('decay', 'tau')
+
+    def __init__(self, decay, tau):
+        self.decay, self.tau = decay, tau
+
+    def __call__(self, x):
+        return self.decay * (1 - math.exp(-x / self.tau))
+
+    def __reduce__(self):
+        return SeedRamp, (self.decay, self.tau)
+
+
 def _ramp_table(decay, tau, count):
     """The seed's ramp (``_seed_ramp``) as a tensor beside the counter, or None past RAMP_TABLE_LIMIT."""
     ramp = _seed_ramp(decay, tau)
@@ -134,7 +150,7 @@ class ModelEMA:
             self._table = _ramp_table(decay, tau, self._count)
         if skip_nonfinite:
             self._guard = torch.zeros(2, dtype=torch.int64, device=device)
-        self.decay = self._seed_decay = lambda x: decay * (1 - math.exp(-x / tau))  # ramp helps early epochs
+        self.decay = self._seed_decay = SeedRamp(decay, tau)  # exponential ramp (to help early epochs)
         self._ramp = (decay, tau)
         self.mode = mode
         self.copy_buffers = copy_buffers
