@@ -57,14 +57,13 @@ RAMP_TABLE_LIMIT = 1 << 22
 
 @functools.lru_cache(maxsize=16)
 def _seed_ramp(decay: float, tau: float):
-    """The seed's decays ``decay * (1 - math.exp(-x / tau))`` for x = 0, 1, ... as the host computes them, up to
-    the first x where ``1 - exp(-x / tau)`` rounds to 1: from there on (exp only decreases) every decay is
-    ``decay`` itself, the table's last entry. None when that takes more than RAMP_TABLE_LIMIT entries."""
-    out = []
+    """The seed's decays (``SeedRamp``) for x = 0, 1, ... as the host computes them, up to the first that equals
+    ``decay``: every later one does too, the table's last entry. None when that takes more than RAMP_TABLE_LIMIT
+    entries."""
+    seed, out = SeedRamp(decay, tau), []
     for x in range(RAMP_TABLE_LIMIT):
-        ramp = 1 - math.exp(-x / tau)
-        out.append(decay * ramp)
-        if ramp == 1.0:
+        out.append(seed(x))
+        if out[-1] == decay:  # the ramp only rises (rounding is monotone) and never passes decay: flat from here
             return out
     return None
 
