@@ -174,8 +174,8 @@ class TorchPlan(FreshListsPlan):
                 and all(b.unchanged() for b in self.batches)):
             return False
         decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
-        for es, _ in self.layout.groups:
-            check_decay(decay, decay_tensor, es[0].device)
+        for es, ms in self.layout.groups:
+            check_decay(decay, decay_tensor, es[0].device, (*es, *ms, guard))
             check_guard(guard, es[0].device)
         for batch in self.batches:
             batch.apply(decay, decay_tensor, self.mode, guard)

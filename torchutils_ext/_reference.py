@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace
+from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -242,14 +242,20 @@ class EmaGroups:
 
     def apply(self, decay, decay_tensor, mode, guard=None):
         d, omd = _decay_pair(decay, decay_tensor)
-        if guard is None:
+        # a decay tensor whose value was not checked on the host (on a device, or traced): [decay tensor]
+        unread = decay_tensor is not None and (decay_tensor.device.type != 'cpu' or torch.compiler.is_compiling())
+        if guard is None and not unread:
             for g in self.groups:
                 g.apply(d, omd, mode)
             return
         with torch.no_grad():
-            bad = nonfinite(self.model)
-            if guard.device.type == 'cpu' and not torch.compiler.is_compiling():  # a CPU read is no device sync
-                skip = bool(bad)
+            device = self.ema[0].device if self.ema else (guard if guard is not None else decay_tensor).device
+            bad = nonfinite(self.model).to(device) if guard is not None else None
+            if unread:
+                invalid = ~decay_is_valid(decay_tensor).to(device)
+                bad = invalid if bad is None else bad | invalid
+            if guard is not None and guard.device.type == 'cpu' and not torch.compiler.is_compiling():
+                skip = bool(bad)  # a CPU read is no device sync
                 guard[0] = int(skip)
                 guard[1] += int(skip)
                 if not skip:
@@ -262,8 +268,9 @@ class EmaGroups:
                 g.apply(d, omd, mode)
             for e, b in zip(self.ema, before):
                 e.copy_(torch.where(bad, b, e))
-            guard[0].copy_(bad)
-            guard[1].add_(bad.long())
+            if guard is not None:
+                guard[0].copy_(bad)
+                guard[1].add_(bad.long())
 
 
 # Zero counting on the CPU: `logical_not(t)` (true exactly where t == 0: -0.0 included, NaN not) into a reused

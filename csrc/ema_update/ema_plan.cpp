@@ -55,6 +55,7 @@ void EmaPlan::prepare(double decay, const std::optional<at::Tensor>& decay_tenso
   const auto device = ema_.empty() ? std::nullopt : std::optional<at::Device>(ema_[0].device());
   set_ema_decay(call_, decay, decay_tensor, device);
   set_ema_guard(call_, guard, device);
+  check_decay_memory(call_, ema_, model_);
   check_writable(ema_, "ModelEMA.update");
   if (guard) check_writable({*guard}, "ModelEMA.update (guard)");
 }
