@@ -5,7 +5,7 @@ Every op test (dtypes, strides, bad input, the guard, the plan) runs on CUDA too
 (tests/conftest.py). Skipped (each with the reason) on machines without a GPU; benchmarks/gpu_check.sh runs them
 on a lent GPU.
 """
-import copy
+import functools
 
 import pytest
 import torch
@@ -256,8 +256,8 @@ def _train_parts():
     return model, opt, tx.ModelEMA(model, tau=5, capturable=True, skip_nonfinite=True)
 
 
-def _train_step(model, opt, ema, x, y):
-    opt.zero_grad(set_to_none=False)
+def _train_step(model, opt, ema, x, y, set_to_none=False):
+    opt.zero_grad(set_to_none=set_to_none)  # a captured graph needs the grads kept (static)
     torch.nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     ema.update(model)
@@ -312,7 +312,8 @@ def test_capturable_ema_under_reduce_overhead_compile(monkeypatch):
     g = torch.Generator(device='cuda').manual_seed(2)
     x, y = torch.randn(8, 16, device='cuda', generator=g), torch.randn(8, 4, device='cuda', generator=g)
     eager, compiled = _train_parts(), _train_parts()
-    step = torch.compile(_train_step, mode='reduce-overhead')
+    # grads set to None: the backward graph's outputs become them, not inputs a graph mutates (zero_())
+    step = torch.compile(functools.partial(_train_step, set_to_none=True), mode='reduce-overhead')
     for _ in range(5):
         _train_step(*eager, x, y)
         step(*compiled, x, y)

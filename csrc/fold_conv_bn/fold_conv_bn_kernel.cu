@@ -62,7 +62,8 @@ __device__ __forceinline__ int64_t channel_of_row(int64_t r, int64_t ipg, int64_
 // rem = kThreads % K elements, with no division.
 template <typename T, typename O>
 __device__ __noinline__ void fold_weights(const FoldEntry& f, int64_t start) {
-  const int64_t end = min(f.numel, start + kChunk), K = f.K, q = kThreads / K, rem = kThreads % K;
+  const int64_t end = min(f.numel, start + kChunk), K = f.K, q = kThreads / K, rem = kThreads % K, ipg = f.ipg,
+                opg = f.opg;
   int64_t i = start + threadIdx.x;
   if (i >= end) return;
   int64_t r = i / K, col = i - r * K;
@@ -70,7 +71,7 @@ __device__ __noinline__ void fold_weights(const FoldEntry& f, int64_t start) {
   T* out = static_cast<T*>(f.out_w);
   const O* scale = static_cast<const O*>(f.scale);
   for (; i < end; i += kThreads) {
-    st(out, i, mul_rn(ld(w, i), scale[channel_of_row(r, f.ipg, f.opg)]));
+    st(out, i, mul_rn(ld(w, i), scale[channel_of_row(r, ipg, opg)]));
     r += q;
     col += rem;
     if (col >= K) {
