@@ -53,6 +53,12 @@ MUTANTS = [
      '        if all(ok):\n            return torch.zeros((), dtype=torch.bool)',
      '        if True:\n            return torch.zeros((), dtype=torch.bool)'),
     ('guard: capturable ramp from updates, not updates + 1', 'torchutils_ext/ema.py', 'torch.neg(c + 1)', 'torch.neg(c)'),
+    ('decay tensor: one sharing memory with the EMA is not refused', 'torchutils_ext/_validate.py',
+     '        if s is not None and s[0] < span[1] and span[0] < s[1] and _share_memory(decay_tensor, span, t, s):',
+     '        if False:'),
+    ('decay tensor: an invalid value read on the device is applied', 'torchutils_ext/_reference.py',
+     '                invalid = ~decay_is_valid(decay_tensor).to(device)',
+     '                invalid = torch.zeros((), dtype=torch.bool, device=device)'),
     ('sparsity divides by the parameter count, not the element count', 'torchutils_ext/sparsity.py',
      'return _zeros(params) / sum(p.numel() for p in params)', 'return _zeros(params) / len(params)'),
 ]
