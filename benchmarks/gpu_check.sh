@@ -37,7 +37,8 @@ step() {
     "$OUT/$name.log" | tail -1)
   [ "$rc" = 124 ] && result="TIMED OUT after ${limit}s; $result"
   printf '%-9s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$result" >> "$OUT/summary.txt"
-  grep -E '^(FAILED|ERROR) |Error: |error: ' "$OUT/$name.log" | head -8 | cut -c1-200 | sed 's/^/    /' >> "$OUT/summary.txt"
+  grep -E '^(FAILED|ERROR) |Error: |error: ' "$OUT/$name.log" | head -8 | cut -c1-200 | sed 's/^/    /' \
+    >> "$OUT/summary.txt"
 }
 
 case "$PART" in
