@@ -44,10 +44,23 @@ def _state_device(module):
     return torch.device('cpu')
 
 
+def _static(t):
+    """A state tensor each update mutates in place, at one address for its life: marked for torch.compile, whose
+    CUDA graphs (mode='reduce-overhead') otherwise skip a graph that mutates an input that is neither a parameter
+    nor a buffer."""
+    torch._dynamo.mark_static_address(t, guard=False)
+    return t
+
+
 def _counter(updates, device):
     """The capturable update counter: float64 (float32 on MPS), one element. NOTE: 1-d, not 0-d: torch 2.13's
     compiled graphs (aot_eager) drop in-place updates of 0-d float64 tensors."""
-    return torch.full((1,), float(updates), device=device, dtype=torch.float64 if has_float64(device) else torch.float32)
+    return _static(torch.full((1,), float(updates), device=device,
+                              dtype=torch.float64 if has_float64(device) else torch.float32))
+
+
+def _guard_tensor(device):
+    return _static(torch.zeros(2, dtype=torch.int64, device=device))
 
 
 # Past this many entries (tau above ~110,000 updates) the capturable ramp is computed on the device instead of read
@@ -148,7 +161,7 @@ class ModelEMA:
             self._count = _counter(updates, device)
             self._table = _ramp_table(decay, tau, self._count)
         if skip_nonfinite:
-            self._guard = torch.zeros(2, dtype=torch.int64, device=device)
+            self._guard = _guard_tensor(device)
         self.decay = self._seed_decay = SeedRamp(decay, tau)  # exponential ramp (to help early epochs)
         self._ramp = (decay, tau)
         self.mode = mode
@@ -187,8 +200,7 @@ class ModelEMA:
         if self.skip_nonfinite:
             guard = self._guard
             if guard is None or guard.device != device:
-                self._guard = guard = (torch.zeros(2, dtype=torch.int64, device=device) if guard is None
-                                       else guard.to(device))
+                self._guard = guard = _guard_tensor(device) if guard is None else _static(guard.to(device))
         if not self.capturable:
             return self.decay(self._updates + 1), guard
         if self.decay is not self._seed_decay:
