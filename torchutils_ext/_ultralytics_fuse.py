@@ -20,7 +20,7 @@ FUSE_NAMES = frozenset((
     'Conv', 'Conv2', 'ConvTranspose', 'DWConv', 'Detect', 'RepConv', 'RepVGGDW', 'bn', 'conv', 'conv_transpose',
     'delattr', 'forward', 'forward_fuse', 'fuse', 'fuse_conv_and_bn', 'fuse_convs', 'fuse_deconv_and_bn', 'hasattr',
     'info', 'is_fused', 'is_qat', 'isinstance', 'model', 'modules'))
-STOCK = [None]  # their BaseModel.fuse, set when the integration is applied (quantized models go there)
+STOCK = None  # their BaseModel.fuse, set when the integration is applied (quantized models go there)
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -104,7 +104,7 @@ def fuse(self, verbose=True, imgsz=640):
     ``BaseModel.fuse``, same pairs and result; the plain pairs folded together by torchutils_ext)."""
     from ultralytics.nn import tasks as t  # the names their fuse resolves
     if t.is_qat(self):  # their fold also rescales the quantizers' weight ranges
-        return STOCK[0](self, verbose=verbose, imgsz=imgsz)
+        return STOCK(self, verbose=verbose, imgsz=imgsz)
     if not self.is_fused():
         batch = _Batch(self)
         for m in self.model.modules():

@@ -152,7 +152,7 @@ class Integration:
         trainer.ModelEMA = _ema_factory(self.skip_nonfinite)
         if self.fuse:
             _saved.setdefault('fuse', tasks.BaseModel.__dict__['fuse'])
-            _ultralytics_fuse.STOCK[0] = _saved['fuse']
+            _ultralytics_fuse.STOCK = _saved['fuse']
             tasks.BaseModel.fuse = _ultralytics_fuse.fuse
         elif 'fuse' in _saved:
             tasks.BaseModel.fuse = _saved.pop('fuse')
