@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import _ops
+from ._walk import modules_once
 
 # The names BaseModel.fuse of 8.4.x refers to: another set means their fuse changed and this mirror is stale.
 FUSE_NAMES = frozenset((
@@ -41,18 +42,21 @@ class _Batch:
 
     def __init__(self, model):
         self.layers, self.bns, self.model = [], [], model
-        self._shared = None
+        self._places = self._params = None  # {id: registrations}, counted on first use
 
-    def _weight_shared(self, layer) -> bool:
-        """The weight is registered at more than one place: their fold leaves it as it is for the others (it makes
-        a new one), an in-place fold would not."""
-        if self._shared is None:
-            seen, self._shared = set(), set()
-            for m in self.model.modules(remove_duplicate=False):
+    def _shared(self, layer) -> bool:
+        """The layer is registered at two places or its weight in two layers: their fold leaves the weight as it is
+        for the others (it makes a new one), an in-place fold would not."""
+        if self._places is None:
+            self._places, self._params = {}, {}
+            for m in modules_once(self.model):
+                for child in m._modules.values():
+                    if child is not None:
+                        self._places[id(child)] = self._places.get(id(child), 0) + 1
                 for p in m._parameters.values():
                     if p is not None:
-                        (self._shared if id(p) in seen else seen).add(id(p))
-        return id(layer._parameters['weight']) in self._shared
+                        self._params[id(p)] = self._params.get(id(p), 0) + 1
+        return self._places.get(id(layer), 0) > 1 or self._params.get(id(layer._parameters['weight']), 0) > 1
 
     def _plain(self, layer, bn) -> bool:
         w = layer._parameters.get('weight')
@@ -61,7 +65,7 @@ class _Batch:
             return False
         stats = bn._buffers.get('running_mean'), bn._buffers.get('running_var')
         return (all(s is not None and s.dtype == w.dtype and s.device == w.device for s in stats)
-                and not self._weight_shared(layer))
+                and not self._shared(layer))
 
     def take(self, block, attr, their_fold):
         """``block.<attr>`` + ``block.bn``: queued, or folded by ``their_fold``; then the block drops its BN and
@@ -94,9 +98,15 @@ class _Batch:
         infer = not torch.is_inference_mode_enabled() and any(w.is_inference() for w in args[0])
         with torch.inference_mode() if infer else torch.no_grad():
             _, biases = _ops.fold_conv_bn(*args, inplace=True)
+        plain = not nn.modules.module._global_parameter_registration_hooks
         for layer, b in zip(layers, biases):
-            layer.bias = nn.Parameter(b, requires_grad=False)  # theirs makes a new bias too
-            layer.requires_grad_(False)
+            bias = nn.Parameter(b, requires_grad=False)  # theirs makes a new bias too
+            if plain and type(layer) in _LAYERS and type(layer).__setattr__ is nn.Module.__setattr__:
+                layer._parameters['bias'] = bias  # all that register_parameter does here, for less host work
+                layer._parameters['weight'].requires_grad_(False)  # = layer.requires_grad_(False): its only two
+            else:
+                layer.bias = bias
+                layer.requires_grad_(False)
 
 
 def fuse(self, verbose=True, imgsz=640):
