@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 from client_packages import need
-from model_checks import flatten_outputs, rel_err
+from model_checks import flatten_outputs, randomize_model_bn, rel_err
 
 tasks = need('ultralytics.nn.tasks')
 utu = need('ultralytics.utils.torch_utils')
@@ -28,20 +28,6 @@ YAMLS = [(tasks.DetectionModel, 'yolov8n.yaml'), (tasks.SegmentationModel, 'yolo
 def enabled():
     yield ul.enable_for_ultralytics(skip_nonfinite=True)
     ul.disable_for_ultralytics()
-
-
-def _randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return model
 
 
 class Blocks(tasks.BaseModel):
@@ -68,7 +54,7 @@ class Blocks(tasks.BaseModel):
 def _build(cls, yaml):
     torch.manual_seed(0)
     model = cls(shared=yaml == 'shared') if cls is Blocks else cls(yaml, verbose=False)
-    return _randomize_bn(model).eval()
+    return randomize_model_bn(model).eval()
 
 
 def _structure(model):
