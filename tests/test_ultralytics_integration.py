@@ -2,6 +2,7 @@
 ``BaseModel.fuse`` against Ultralytics' own on their yaml models and a model with every block their fuse knows.
 (Real training runs, DDP and checkpoints: test_ultralytics_training.py.)"""
 import copy
+import logging
 import pickle
 
 import pytest
@@ -284,3 +285,15 @@ def test_ema_skips_a_nonfinite_step():
     assert all(torch.equal(a, b) for a, b in zip(guarded.ema.state_dict().values(), ref.ema.state_dict().values()))
     assert torch.isfinite(guarded.ema.model[0].conv.weight).all()
     assert not torch.isfinite(theirs.ema.model[0].conv.weight).all()  # theirs keeps it until save_model
+
+
+def test_untested_version_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(need('ultralytics'), '__version__', '8.4.999')
+    monkeypatch.setattr(ul, '_warned', [])
+    with caplog.at_level(logging.WARNING, logger='torchutils_ext'):
+        try:
+            ul.enable_for_ultralytics()
+            ul.enable_for_ultralytics()
+        finally:
+            ul.disable_for_ultralytics()
+    assert caplog.text.count(f'tested with ultralytics {ul.TESTED_VERSION}, running 8.4.999') == 1

@@ -42,6 +42,7 @@ _LOG = logging.getLogger('torchutils_ext')
 _EVENT = 'on_pretrain_routine_end'  # runs in every rank, after the trainer built its EMA and loaded a resume
 _REPORT_EVENT = 'on_train_epoch_end'
 _saved = {}  # what the patches replaced: restored by disable_for_ultralytics
+_warned = []  # the untested version already warned about
 
 
 def _unwrap(model):
@@ -107,7 +108,7 @@ def _check_hooks(fuse):
     elif list(inspect.signature(stock.__init__).parameters) != ['self', 'model', 'decay', 'tau', 'updates']:
         problems.append(f'ModelEMA takes {inspect.signature(stock.__init__)}, not (model, decay, tau, updates)')
     current = getattr(trainer, 'ModelEMA', None)
-    if current is not stock and _saved.get('ema') is None:
+    if current is not stock and 'ema' not in _saved:
         problems.append('ultralytics.engine.trainer.ModelEMA is not ultralytics.utils.torch_utils.ModelEMA '
                         '(another integration replaced it?)')
     for name in ('_setup_train', '_load_checkpoint_state'):
@@ -122,7 +123,8 @@ def _check_hooks(fuse):
         raise RuntimeError(f'torchutils_ext.ultralytics: ultralytics {ultralytics.__version__} (tested: '
                            f'{TESTED_VERSION}) differs where the integration hooks in: ' + '; '.join(problems)
                            + ('. Pass fuse=False to keep their BaseModel.fuse' if fuse else ''))
-    if ultralytics.__version__ != TESTED_VERSION:
+    if ultralytics.__version__ != TESTED_VERSION and not _warned:
+        _warned.append(ultralytics.__version__)  # once per process
         _LOG.warning('torchutils_ext.ultralytics: tested with ultralytics %s, running %s (its hooks check out)',
                      TESTED_VERSION, ultralytics.__version__)
     return trainer, tasks, callbacks
