@@ -100,7 +100,11 @@ class Report:
 
 
 def _model_key(m):
-    return ('nsmlx'.index(m), '') if m in ('n', 's', 'm', 'l', 'x') else (9, m)
+    if m in ('n', 's', 'm', 'l', 'x'):
+        return ('nsmlx'.index(m), '')
+    if m.startswith('yolo') and m[-1] in 'nsmlx':  # Ultralytics names: family, then size
+        return (9, m[:-1], 'nsmlx'.index(m[-1]))
+    return (9, m)
 
 
 def _fmt(v, spec):
