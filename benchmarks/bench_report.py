@@ -10,7 +10,9 @@ TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (
           'fuse': 'Conv+BN fusion, every pair of the model', 'sparsity': 'sparsity(model)',
           'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)',
           'raw-ema': 'Raw ema_update_ on lists past the caches (128 x 256 KiB fp32 EMA + the same model)',
-          'raw-count': 'Raw count_zeros on a list past the caches (128 x 256 KiB fp32, 30% zeros)'}
+          'raw-count': 'Raw count_zeros on a list past the caches (128 x 256 KiB fp32, 30% zeros)',
+          'ul-ema': "Ultralytics' ModelEMA.update vs ours (fp32, their yaml models)",
+          'ul-fuse': "Ultralytics' BaseModel.fuse vs ours (enable_for_ultralytics)"}
 
 
 def _stem(device, quick, threads=None):
@@ -114,7 +116,11 @@ class Report:
 
 
 def _model_key(m):
-    return ('nsmlx'.index(m), '') if m in ('n', 's', 'm', 'l', 'x') else (9, m)
+    if m in ('n', 's', 'm', 'l', 'x'):
+        return ('nsmlx'.index(m), '')
+    if m.startswith('yolo') and m[-1] in 'nsmlx':  # Ultralytics names: family, then size
+        return (9, m[:-1], 'nsmlx'.index(m[-1]))
+    return (9, m)
 
 
 def _fmt(v, spec):

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 # The seed's ModelEMA and decay ramp are the tests' oracle (tests/seed_oracle.py): one text for both.
 from seed_oracle import SeedModelEMA, seed_decay  # noqa: E402,F401
+from seed_api import sparsity as seed_sparsity  # noqa: E402,F401  (the seed's other functions, tests/seed_api.py)
 
 
 class TimmStyleEMA(SeedModelEMA):
@@ -187,14 +188,6 @@ def fuse_model_per_layer(model, fuse_fn):
 
 
 # -------------------------------------------------------------------------------------------- sparsity
-def seed_sparsity(model):
-    a, b = 0, 0
-    for p in model.parameters():
-        a += p.numel()
-        b += (p == 0).sum()
-    return b / a
-
-
 def count_nonzero_sparsity(model):
     """Peer: one count_nonzero per parameter, summed on device, one division."""
     ps = list(model.parameters())

@@ -133,13 +133,22 @@ def test_nonexistent_index_raises_and_restores_env(fake_cuda, preset):
     assert os.environ.get(CVD) == preset
 
 
-def test_batch_size_not_multiple(fake_cuda):
+@pytest.mark.parametrize('kw', ['batch_size', 'batch'])  # batch: Ultralytics 8.0-8.3's name for batch_size
+def test_batch_size_not_multiple(fake_cuda, kw):
+    assert select_device('cpu', **{kw: 16}) == torch.device('cpu')
     fake_cuda(4)
     os.environ[CVD] = '0'
     with pytest.raises(ValueError, match='batch-size 5 not multiple of GPU count 2'):
-        select_device('0,1', batch_size=5)
+        select_device('0,1', **{kw: 5})
     assert os.environ[CVD] == '0'
-    assert select_device('0,1', batch_size=6) == torch.device('cuda:0')
+    assert select_device('0,1', **{kw: 6}) == torch.device('cuda:0')
+
+
+def test_batch_and_batch_size_together(fake_cuda):
+    fake_cuda(4)
+    assert select_device('0,1', 6, batch=6) == torch.device('cuda:0')  # the same value twice is fine
+    with pytest.raises(TypeError, match='batch_size=4 and batch=6'):
+        select_device('0,1', 4, batch=6)
 
 
 def test_cpu_only_gpu_request_names_problem(env):

@@ -57,7 +57,8 @@ def test_graph_pairs_are_folded_against_float64(backend, make, shape):
         ref = copy.deepcopy(model).double()(x.double())
         fused = tx.fuse_model(model)
         got = fused(x)
-    assert fused is model and _n_bn(model) == 0
+    # Linear->BN1d is left: a BN normalises dim 1, the Linear's output only for 2-d inputs (test_fuse_proof.py)
+    assert fused is model and _n_bn(model) == (1 if make is TransposedAndLinear else 0)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -79,7 +80,7 @@ def test_graph_fused_model_survives_save_and_load(backend, make, shape):
     with torch.no_grad():
         want = model(x)
         assert torch.equal(again(x), want) and torch.equal(other(x), want)
-    assert _n_bn(again) == _n_bn(other) == 0
+    assert _n_bn(again) == _n_bn(other) == (1 if make is TransposedAndLinear else 0)
 
 
 class SharedConv(nn.Module):  # one conv, two call sites, a BN after only one of them
@@ -121,7 +122,7 @@ class ShapeWiring(nn.Module):  # fx cannot trace it; torch.export can, but recor
         return self.b(y + x if x.shape[-1] > 6 else y)
 
 
-@pytest.mark.parametrize('make,why', [(SharedConv, 'more than one place'), (TwoUsers, 'other users'),
+@pytest.mark.parametrize('make,why', [(SharedConv, 'other users'), (TwoUsers, 'other users'),
                                       (Untraceable, 'cannot be traced'), (ShapeWiring, 'cannot be traced')])
 def test_graph_rule_leaves_what_it_cannot_prove(backend, make, why, caplog):
     torch.manual_seed(0)
@@ -168,5 +169,6 @@ def test_report_names_what_was_folded_and_why_the_rest_was_not(backend):
     assert out is model
     assert sorted(rep['folded']) == [('0.conv1', '0.bn1'), ('0.conv2', '0.bn2'), ('2', '3')]
     assert rep['skipped'] == [('1.c', '1.b', 'the layer output has other users')]
-    assert tx.fuse_model(_stats(Untraceable()), report=True)[1]['skipped'][0][:2] == (None, None)
+    skipped = tx.fuse_model(_stats(Untraceable()), report=True)[1]['skipped']
+    assert [s[:2] for s in skipped] == [(None, 'b'), (None, None)] and 'cannot be traced' in skipped[0][2]
     assert tx.fuse_model(nn.ReLU(), report=True)[1] == {'folded': [], 'skipped': []}

@@ -1,32 +1,56 @@
-"""ModelEMA's plan: the tensor lists of one (EMA module, model module) pair, built once, and one step per update.
+"""ModelEMA's plan: what one (EMA module, model module) pair holds, proven unchanged on every step, and one update
+per step.
 
 ``make_plan`` picks one of three plans with one interface, ``step(ema, model, decay, guard=None) -> bool``: True
-when the EMA was updated, False when the plan is stale (a module, slot or tensor changed since it was built) and
-nothing was written, so the owner builds a new plan. ``decay`` is a float or a 0-d tensor; ``guard`` the
-nonfinite guard of ``_ops.ema_update_``.
+when the EMA was updated, False when the plan is stale (a module, slot or tensor changed since it was built, or
+state was added) and nothing was written, so the owner builds a new plan. ``decay`` is a float or a 0-d tensor;
+``guard`` the nonfinite guard of ``_ops.ema_update_``.
 
-- ``CompiledPlan``: the step is one call into C++ (``_C.ema_plan_step``), which proves the plan current and
-  runs the device kernels (see [EMA plan] in ``csrc/ema_update/ema_plan.h``).
-- ``TorchPlan``: the same checks and the pure-torch update (``_reference``), for devices or installs without
-  the compiled kernels, and for ``TORCHUTILS_EXT_BACKEND=torch``.
-- ``FreshListsPlan``: sharded (FSDP2 DTensor) models, whose local shards are read fresh each step and handed
-  to the stateless ``_ops.ema_update_``; also the plan built while ``torch.compile`` traces, which cannot
-  trace into C++.
+- ``CompiledPlan``: the step is one call into C++ (``_C.ema_plan_step``): the state watch (NOTE [state watch] in
+  ``csrc/python/watch.h``) proves both trees unchanged and hands over their tensors, then the device kernels run.
+- ``TorchPlan``: the same watch (its C++ form when the library is built, else ``Layout.read``, the Python twin)
+  and the pure-torch update (``_reference``), for devices or installs without the compiled kernels, and for
+  ``TORCHUTILS_EXT_BACKEND=torch``.
+- ``FreshListsPlan``: sharded (FSDP2 DTensor) models, whose local shards are handed to the stateless
+  ``_ops.ema_update_``; also the plan built while ``torch.compile`` traces, which cannot trace into C++.
+
+A plan references no tensor between steps (``torch.utils.swap_tensors``, used by ``.to()``/``.half()`` under
+``torch.__future__.set_swap_module_params_on_conversion(True)`` and by ``load_state_dict(assign=True)``, refuses to
+swap a referenced tensor), and lets go of the containers it watches as soon as either module is deleted.
 """
 from __future__ import annotations
 
 import sys
-from operator import getitem, is_
+import weakref
+from operator import getitem, itemgetter
 
 import torch
 import torch.nn as nn
 
 from . import _ops, _reference
 from ._validate import check_decay, check_ema_args, check_guard
-from ._walk import modules_once
+
+_C = _ops._C
+
+# The entry kinds of NOTE [state watch] (the same numbers as StateWatch::Kind).
+EDGE, NONE, TENSOR, SAME, LEN_DICT, LEN_SET = range(6)
+
+# Bumped by nn.Module's global registration hooks on every parameter, buffer or submodule registered anywhere: a
+# plan that sees it changed walks the whole EMA tree for added state (NOTE [state watch]).
+GENERATION = [0]
+_HOOKED = []
 
 
-_SLOTS_UNCHANGED = getattr(_ops._C, 'slots_unchanged', None)  # None without the compiled extension
+def _bump(module, name, value):
+    GENERATION[0] += 1  # returns None: the registration goes on unchanged
+
+
+def _watch_registrations():
+    if not _HOOKED:
+        mm = nn.modules.module
+        _HOOKED.extend(reg(_bump) for reg in (mm.register_module_parameter_registration_hook,
+                                              mm.register_module_buffer_registration_hook,
+                                              mm.register_module_module_registration_hook))
 
 
 class ModelStructureError(KeyError, ValueError):
@@ -35,38 +59,6 @@ class ModelStructureError(KeyError, ValueError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ''
-
-
-def _state_slots(module: nn.Module):
-    """{state_dict key: (container dict, slot name)} for every parameter and persistent buffer, like state_dict."""
-    slots = {}
-    for prefix, m in module.named_modules():
-        pre = prefix + '.' if prefix else ''
-        for name, p in m._parameters.items():
-            if p is not None:
-                slots[pre + name] = (m._parameters, name)
-        for name, b in m._buffers.items():
-            if b is not None and name not in m._non_persistent_buffers_set:
-                slots[pre + name] = (m._buffers, name)
-    return slots
-
-
-def _module_tree(module: nn.Module):
-    """(parent's _modules dict, name, child) for every submodule edge that leads to state. A module deleted
-    (``delattr(block, 'bn')``, ``del seq[1]``) or replaced keeps its tensors in its own dicts: only its parent's
-    ``_modules`` shows that it is gone. Edges to stateless subtrees (activations, pooling) cannot lose EMA
-    entries and are left out of the per-step check."""
-    stateful = {}
-
-    def holds_state(m):
-        got = stateful.get(id(m))
-        if got is None:
-            got = stateful[id(m)] = (any(p is not None for p in m._parameters.values())
-                                     or any(b is not None for b in m._buffers.values())
-                                     or any(c is not None and holds_state(c) for c in m._modules.values()))
-        return got
-    return [(m._modules, name, child) for m in modules_once(module) for name, child in m._modules.items()
-            if child is not None and holds_state(child)]
 
 
 def is_dtensor(t) -> bool:
@@ -88,118 +80,351 @@ def _check_shards(key, e, m):
                          f'shape {tuple(e.shape)} vs {tuple(m.shape)}); shard both with the same fully_shard call')
 
 
-class Layout:
-    """The slots that prove a plan current, and the float tensor lists per device, of one (EMA, model) pair."""
+def _stateful():
+    """A predicate: does a module hold a parameter or buffer, itself or below (memoised per layout)."""
+    memo = {}
 
-    def __init__(self, ema: nn.Module, model: nn.Module):
-        self.ema_module, self.model_module = ema, model
-        es, ms = _state_slots(ema), _state_slots(model)
-        missing = [k for k in es if k not in ms]
+    def holds(m):
+        got = memo.get(id(m))
+        if got is None:
+            got = memo[id(m)] = (any(p is not None for p in m._parameters.values())
+                                 or any(b is not None for b in m._buffers.values())
+                                 or any(c is not None and holds(c) for c in m._modules.values()))
+        return got
+    return holds
+
+
+def _persistent(m):
+    """(container, name, value) of a module's parameters and persistent buffers, as state_dict saves them."""
+    nps = getattr(m, '_non_persistent_buffers_set', ())
+    for name, v in m._parameters.items():
+        yield m._parameters, name, v
+    for name, v in m._buffers.items():
+        if name not in nps:
+            yield m._buffers, name, v
+
+
+def _meta(t):
+    """What "unchanged" means for a watched tensor (StateWatch::matches): the type, data pointer, dtype, device,
+    sizes and strides (of the local shard for a DTensor)."""
+    x = local(t)
+    return type(t), x.data_ptr(), x.dtype, x.device, x.shape, x.stride()
+
+
+class Layout:
+    """The watch lists of one (EMA, model) pair (NOTE [state watch]), the slots of the tensors they lead to, and
+    which slots the update pairs: ``groups`` ([(ema slots, model slots)] per device, floating entries) and
+    ``ints`` (copy_buffers' integer pairs). ``values`` holds the slots' tensors at build time, for the plans'
+    constructors; ``forget()`` drops them.
+
+    ``watch=False`` (under torch.compile, whose plans are used once): only the slot lists, no watch entries."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module, copy_ints: bool = False, watch: bool = True):
+        self.watching = watch
+        self.ema_ref, self.model_ref = (weakref.ref(ema, self._died), weakref.ref(model, self._died)) if watch \
+            else (lambda: ema, lambda: model)
+        self.fast, self.full, self.values, self.owner = [], [], [], None
+        self.generation = GENERATION[0]
+        ema_keys = self._watch_ema(ema)
+        model_keys = self._find_model(model, set(ema_keys))
+        floats, ints = [], []
+        for k, s in ema_keys.items():
+            (floats if local(self.values[s]).dtype.is_floating_point else ints).append((k, s))
+        missing = [k for k, _ in floats if k not in model_keys]
         if missing:
             more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
             raise ModelStructureError(
                 f"ModelEMA.update: the model has no entry for the EMA's {', '.join(missing[:5])}{more}. The model "
                 'and its EMA differ in structure (a layer fused, deleted or replaced after the EMA was made?): '
                 'fuse or change the model before ModelEMA(model), or build a new ModelEMA after the change.')
-        self.dicts, self.keys, self.values = [], [], []
-        for d, name, child in _module_tree(ema) + _module_tree(model):
-            self._watch(d, name, child)
-        groups, self.ints, self.sharded, seen = {}, ([], []), False, set()
-        for k, (ed, en) in es.items():
-            md, mn = ms[k]
-            e, m = ed[en], md[mn]
-            self._watch(ed, en, e)
-            self._watch(md, mn, m)
-            if id(e) in seen:  # tied weights: update the shared tensor once
-                continue
-            seen.add(id(e))
+        groups, self.sharded = {}, False
+        for k, s in floats:
+            e, m = self.values[s], model_keys[k][2]
             if is_dtensor(e) or is_dtensor(m):
                 _check_shards(k, e, m)
                 self.sharded = True
-            if e.dtype.is_floating_point:
-                g = groups.setdefault(e.device, ([], []))
-                g[0].append(e)
-                g[1].append(m)
-            else:
-                self.ints[0].append(e)
-                self.ints[1].append(m)
-        # Parameters (not .detach() views) go in the lists: .to()/.half() swap their data in place, and the
-        # plan must see the new data; replaced parameters or buffers fail the slot check.
+            g = groups.setdefault(local(e).device, ([], []))
+            g[0].append(s)
+            g[1].append(self._model_slot(model_keys[k]))
         self.groups = list(groups.values())
+        self.ints = ([], [])
+        for k, s in ints if copy_ints else ():
+            got = model_keys.get(k)  # an integer entry the model lacks is left as it is (the seed never reads it)
+            if got is None:
+                continue
+            e, m = local(self.values[s]), local(got[2])
+            if e.shape != m.shape or e.device != m.device:
+                raise ModelStructureError(f'ModelEMA.update (copy_buffers): {k} is {tuple(e.shape)} on {e.device} in '
+                                          f'the EMA and {tuple(m.shape)} on {m.device} in the model')
+            self.ints[0].append(s)
+            self.ints[1].append(self._model_slot(got))
 
-    def _watch(self, d, key, value):
-        self.dicts.append(d)
-        self.keys.append(key)
-        self.values.append(value)
+    # -- building
 
-    def current(self, ema, model) -> bool:
-        """Same modules, and every slot and module edge still holds what it held (a removed slot: changed)."""
-        if ema is not self.ema_module or model is not self.model_module:
-            return False
-        if _SLOTS_UNCHANGED is not None and not torch.compiler.is_compiling():  # dynamo cannot trace the C loop
-            return _SLOTS_UNCHANGED(self.dicts, self.keys, self.values)
-        try:
-            return all(map(is_, map(getitem, self.dicts, self.keys), self.values))
-        except KeyError:
-            return False
+    def _slot(self, t):
+        self.values.append(t)
+        return len(self.values) - 1
+
+    def _add(self, entries, box, key, kind, arg=None, size=-1):
+        if self.watching:
+            if size >= 0 and entries and entries[-1][0] is box:
+                size = -1  # a container's size is compared once per run of its entries
+            entries.append((box, key, size, kind, arg))
+
+    def _watch_ema(self, ema):
+        """Entries for every EMA slot and edge, and {state_dict key: slot} of its tensors (a tied tensor once)."""
+        holds, seen, keys = _stateful(), {}, {}
+        fast, full = self.fast, self.full
+        for prefix, m in ema.named_modules():
+            pre = prefix + '.' if prefix else ''
+            kids, nps = m._modules, getattr(m, '_non_persistent_buffers_set', None)
+            for box in (m._parameters, m._buffers, kids):
+                self._add(full, box, None, LEN_DICT, size=len(box))
+            if isinstance(nps, set):
+                self._add(full, nps, None, LEN_SET, size=len(nps))
+            for name, child in kids.items():
+                if child is None:
+                    self._add(full, kids, name, NONE)
+                    continue
+                ref = weakref.ref(child) if self.watching else None
+                self._add(full, kids, name, EDGE, ref)
+                if holds(child):
+                    self._add(fast, kids, name, EDGE, ref, len(kids))
+            for box, name, v in _persistent(m):
+                if v is None:
+                    self._add(fast, box, name, NONE, size=len(box))
+                elif id(v) in seen:  # tied weights: updated once
+                    self._add(fast, box, name, SAME, seen[id(v)], len(box))
+                else:
+                    s = seen[id(v)] = keys[pre + name] = self._slot(v)
+                    self._add(fast, box, name, TENSOR, s, len(box))
+        return keys
+
+    def _find_model(self, model, wanted):
+        """{key: (container, name, tensor)} of the model's entries the EMA has, and entries for the model's edges
+        to state (a submodule deleted or replaced keeps its tensors in its own dicts; only its parent shows it)."""
+        holds, found = _stateful(), {}
+        for prefix, m in model.named_modules():
+            pre = prefix + '.' if prefix else ''
+            for name, child in m._modules.items():
+                if child is not None and holds(child):
+                    self._add(self.fast, m._modules, name, EDGE, weakref.ref(child) if self.watching else None)
+            for box, name, v in _persistent(m):
+                if v is not None and pre + name in wanted:
+                    found[pre + name] = (box, name, v)
+        return found
+
+    def _model_slot(self, entry):
+        box, name, v = entry
+        s = self._slot(v)
+        self._add(self.fast, box, name, TENSOR, s)
+        return s
+
+    # -- lifetime
+
+    def _died(self, _ref):  # the EMA or the model was deleted: let go of what they held
+        owner = self.owner() if self.owner is not None else None
+        self.fast = self.full = self.values = None
+        if owner is not None:
+            owner.release()
+
+    def forget(self):
+        """Drop the build-time tensors (a plan keeps no tensor between steps)."""
+        self.values = None
+
+    # -- the Python twin of StateWatch::read
+
+    def read(self, ema, model):
+        """The slots' tensors now, or None when anything changed (NOTE [state watch])."""
+        fast = self.fast
+        if fast is None or self.ema_ref() is not ema or self.model_ref() is not model:
+            return None
+        if self.generation != GENERATION[0]:
+            if not self._walk(self.full, None):
+                return None
+            self.generation = GENERATION[0]
+        now = [None] * len(self.metas)
+        return now if self._walk(fast, now) else None
+
+    def _walk(self, entries, now):
+        metas = self.metas
+        for box, key, size, kind, arg in entries:
+            if size >= 0 and len(box) != size:
+                return False
+            if kind >= LEN_DICT:
+                continue
+            try:
+                got = box[key]
+            except KeyError:
+                return False
+            if kind == EDGE:
+                if got is None or got is not arg():
+                    return False
+            elif kind == NONE:
+                if got is not None:
+                    return False
+            elif kind == TENSOR:
+                if not isinstance(got, torch.Tensor) or _meta(got) != metas[arg]:
+                    return False
+                now[arg] = got
+            elif now is not None and got is not now[arg]:
+                return False
+        return True
+
+    def record(self):
+        """The metadata the Python twin compares (StateWatch records its own)."""
+        self.metas = [_meta(t) for t in self.values]
+
+
+def _release_on_death(plan, layout):
+    """The plan lets go of its watch (which holds the modules' containers) when either module is deleted."""
+    layout.owner = weakref.ref(plan)
 
 
 class FreshListsPlan:
-    """The stateless ops on lists read fresh each step (the local shards of DTensors)."""
+    """The stateless ops on the tensors read each step (the local shards of DTensors; a traced step)."""
 
     def __init__(self, layout: Layout, mode: str):
         self.layout, self.mode, self.backend = layout, mode, _ops.get_backend()
-        groups = layout.groups
-        self.device = groups[0][0][0].device if groups else None  # of the first group: ModelEMA's tensors live there
+        self.device = local(layout.values[layout.groups[0][0][0]]).device if layout.groups else None
+        self.sharded, self.n_groups = layout.sharded, len(layout.groups)
+        self.lists = [(itemgetter(*es), itemgetter(*ms)) for es, ms in layout.groups]
+        self.int_lists = (itemgetter(*layout.ints[0]), itemgetter(*layout.ints[1])) if layout.ints[0] else None
+        if layout.watching:
+            layout.record()
+            _release_on_death(self, layout)
+        else:  # traced: used once, right now
+            self.now = layout.values
+        layout.forget()
+
+    def release(self):
+        self.layout = None
+
+    def current(self, ema, model):
+        """The slots' tensors now, or None."""
+        layout = self.layout
+        if layout is None or self.backend != _ops.get_backend():
+            return None
+        return layout.read(ema, model) if layout.watching else self.now
+
+    def ints(self, now):
+        if self.int_lists is None:
+            return None
+        return _as_list(self.int_lists[0](now)), _as_list(self.int_lists[1](now))
 
     def step(self, ema, model, decay, guard=None) -> bool:
-        if not self.layout.current(ema, model):
+        now = self.current(ema, model)
+        if now is None:
             return False
-        for es, ms in self.layout.groups:
-            _ops.ema_update_([local(e) for e in es], [local(m) for m in ms], decay, self.mode, guard=guard)
+        ints = self.ints(now)
+        with torch.no_grad():  # the seed updates under no_grad: an EMA whose parameters require grad is written
+            for get_e, get_m in self.lists:
+                _ops.ema_update_([local(e) for e in _as_list(get_e(now))], [local(m) for m in _as_list(get_m(now))],
+                                 decay, self.mode, guard=guard)
+            if ints is not None:
+                copy_int_buffers(*ints, guard)
         return True
 
 
+def _as_list(got):
+    """itemgetter of one index returns the item, of several a tuple."""
+    return list(got) if isinstance(got, tuple) else [got]
+
+
+def copy_int_buffers(es, ms, guard):
+    """copy_buffers' integer pairs, after the float update; a skipped step (guard[0] == 1) leaves them too, decided
+    on the device (the twin of copy_int_buffers in csrc/ema_update/ema_plan.cpp)."""
+    es, ms = [local(e) for e in es], [local(m) for m in ms]
+    if guard is None:
+        torch._foreach_copy_(es, ms)
+        return
+    skipped = guard[0]
+    taken = 1 - skipped
+    nums = [(e, m) for e, m in zip(es, ms) if e.dtype != torch.bool]
+    for e, m in zip(es, ms):
+        if e.dtype == torch.bool:
+            e.copy_(torch.where(skipped.bool(), e, m))
+    if nums:
+        ne, nm = [e for e, _ in nums], [m for _, m in nums]
+        torch._foreach_mul_(ne, skipped)
+        torch._foreach_add_(ne, torch._foreach_mul(nm, taken))
+
+
 class TorchPlan(FreshListsPlan):
-    """The pure-torch update of lists validated once; per step, the slot check and a metadata check."""
+    """The pure-torch update of lists validated once; per step, the state watch."""
 
     def __init__(self, layout, mode):
-        super().__init__(layout, mode)
-        for es, ms in layout.groups:
+        groups = [(_as_list(itemgetter(*es)(layout.values)), _as_list(itemgetter(*ms)(layout.values)))
+                  for es, ms in layout.groups]
+        for es, ms in groups:
             check_ema_args(es, ms, 0.5, None, mode)
-        self.batches = [_reference.EmaGroups(es, ms) for es, ms in layout.groups]
+        self.batches = [_reference.EmaGroups(es, ms) for es, ms in groups]
+        self.watch = None
+        if _C is not None:
+            self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.fast, layout.full, GENERATION,
+                                      len(layout.values))
+        super().__init__(layout, mode)
+
+    def release(self):
+        super().release()
+        self.watch = None
+
+    def current(self, ema, model):
+        if self.watch is None or self.backend != _ops.get_backend():
+            return super().current(ema, model)
+        return _C.watch_read(self.watch, ema, model)
 
     def step(self, ema, model, decay, guard=None) -> bool:
-        if not (self.backend == _ops.get_backend() and self.layout.current(ema, model)
-                and all(b.unchanged() for b in self.batches)):
+        now = self.current(ema, model)
+        if now is None:
             return False
         decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
-        for es, _ in self.layout.groups:
-            check_decay(decay, decay_tensor, es[0].device)
+        ints = self.ints(now)
+        lists = [(_as_list(get_e(now)), _as_list(get_m(now))) for get_e, get_m in self.lists]
+        for es, ms in lists:
+            check_decay(decay, decay_tensor, es[0].device, (*es, *ms, guard))
             check_guard(guard, es[0].device)
-        for batch in self.batches:
-            batch.apply(decay, decay_tensor, self.mode, guard)
+        with torch.no_grad():
+            for batch, (es, ms) in zip(self.batches, lists):
+                batch.apply(es, ms, decay, decay_tensor, self.mode, guard)
+            if ints is not None:
+                copy_int_buffers(*ints, guard)
         return True
 
 
 class CompiledPlan(FreshListsPlan):
-    """One C++ call per step: ``_C.ema_plan_step`` proves the plan current and runs the device kernels."""
+    """One C++ call per step: ``_C.ema_plan_step`` proves the trees unchanged and runs the device kernels."""
 
     def __init__(self, layout, mode):
+        ema, model = layout.ema_ref(), layout.model_ref()
+        self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.fast, layout.full, GENERATION,
+                                  len(layout.values))
+        self.handle = _C.ema_plan_new(self.watch, ema, model, [(list(es), list(ms)) for es, ms in layout.groups],
+                                      (list(layout.ints[0]), list(layout.ints[1])), mode)
         super().__init__(layout, mode)
-        self.handle = _ops._C.ema_plan_new(layout.ema_module, layout.model_module, layout.dicts, layout.keys,
-                                           layout.values, [(list(es), list(ms)) for es, ms in layout.groups], mode)
+
+    def release(self):
+        super().release()
+        self.watch = self.handle = None
 
     def step(self, ema, model, decay, guard=None) -> bool:
-        return self.backend == _ops.get_backend() and _ops._C.ema_plan_step(self.handle, ema, model, decay, guard)
+        handle = self.handle
+        return (handle is not None and self.backend == _ops.get_backend()
+                and _C.ema_plan_step(handle, ema, model, decay, guard))
 
 
-def make_plan(ema: nn.Module, model: nn.Module, mode: str):
-    """The plan for this pair on this backend. Under torch.compile: lists read fresh, nothing C++ to trace."""
-    layout = Layout(ema, model)
-    if layout.sharded or torch.compiler.is_compiling():
-        return FreshListsPlan(layout, mode)
-    # use_ext raises for TORCHUTILS_EXT_BACKEND=ext when a device has no kernel
-    if _ops.COMPILED and all([_ops.use_ext('ema_update_', es[0].device) for es, _ in layout.groups]):
-        return CompiledPlan(layout, mode)
-    return TorchPlan(layout, mode)
+def make_plan(ema: nn.Module, model: nn.Module, mode: str, copy_ints: bool = False):
+    """The plan for this pair on this backend. Under torch.compile: lists read now, nothing C++ to trace."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _watch_registrations()
+    layout = Layout(ema, model, copy_ints, watch=not compiling)
+    if layout.sharded or compiling:
+        plan = FreshListsPlan(layout, mode)
+    else:
+        devices = [local(layout.values[es[0]]).device for es, _ in layout.groups]
+        # use_ext raises for TORCHUTILS_EXT_BACKEND=ext when a device has no kernel
+        compiled = _ops.COMPILED and all([_ops.use_ext('ema_update_', d) for d in devices])
+        plan = (CompiledPlan if compiled else TorchPlan)(layout, mode)
+    plan.key = (mode, copy_ints)
+    return plan

@@ -5,13 +5,12 @@ the fastest torch primitives (``torch._foreach_*``, broadcasting, ``count_nonzer
 """
 from __future__ import annotations
 
-import operator
 import threading
 from collections import defaultdict
 
 import torch
 
-from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace
+from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -44,7 +43,7 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', guard=None) -> None:
     """
     decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
     check_ema_args(ema, model, decay, decay_tensor, mode, guard)
-    EmaGroups(ema, model).apply(decay, decay_tensor, mode, guard)
+    EmaGroups(ema, model).apply(list(ema), list(model), decay, decay_tensor, mode, guard)
 
 
 def nonfinite(tensors):
@@ -78,16 +77,14 @@ def _exact_nonfinite(ts):
     return ~torch.stack(flags).all()
 
 
-_PTR = torch.Tensor.data_ptr
-_DTYPE, _SHAPE = operator.attrgetter('dtype'), operator.attrgetter('shape')
-
-
 # Elements per chunk of the pure-torch EMA: the seed's formula needs (1 - d) * m as its own rounded temporary;
 # made chunk by chunk into one reused scratch buffer, it stays in cache and allocates nothing per call.
-# Contiguous tensors of at most SMALL elements (BN vectors, biases: most of a model's tensors, few of its bytes)
-# are packed instead: two cats into flat buffers, three ops over them, one foreach copy back. A per-tensor op
+# Tensors of at most SMALL elements (BN vectors, biases: most of a model's tensors, few of its bytes) are packed
+# instead: two foreach copies into flat buffers, three ops over them, one foreach copy back. A per-tensor op
 # costs a few microseconds on the CPU, and on small models that count is what the time is made of; mul and add
 # round each element alike wherever it sits, so packing keeps the seed's bits (lerp is left per tensor).
+# NOTE: the cached buffers and their views are the group's own; it keeps no tensor or view of the tensors it
+# updates (a view references its base, which would block torch.utils.swap_tensors): those come in every call.
 CHUNK = 1 << 20
 SMALL = 1 << 12
 
@@ -104,79 +101,149 @@ def _pieces(e, m, limit):
     return list(zip(e.split(rows), m.split(rows)))
 
 
+def _pick(idx, xs):
+    return [xs[i] for i in idx]
+
+
+class _Plan:
+    """How one group walks its tensors in one mode: ``packed`` (indices, ema buffer, model buffer, views of them
+    shaped like the tensors) or None, ``chunks`` [(indices, scratch views shaped like them)] for tensors up to
+    CHUNK elements, ``big`` the indices of the larger ones (cut into pieces each call) and their scratch."""
+
+    def __init__(self, es, ms, mode, op, device):
+        shape_free = [i for i, e in enumerate(es) if 0 < e.numel() <= SMALL] if mode == 'yolov5' else []
+        self.packed = None
+        if len(shape_free) > 1:
+            total = sum(es[i].numel() for i in shape_free)
+            ebuf = torch.empty(total, dtype=op, device=device)
+            mbuf = torch.empty(total, dtype=op, device=device)
+            sizes = [es[i].numel() for i in shape_free]
+            shape = [es[i].shape for i in shape_free]
+            self.packed = (shape_free, ebuf, mbuf, [v.view(s) for v, s in zip(ebuf.split(sizes), shape)],
+                           [v.view(s) for v, s in zip(mbuf.split(sizes), shape)])
+            taken = set(shape_free)
+        else:
+            taken = set()
+        rest = [i for i, e in enumerate(es) if i not in taken and e.numel()]
+        self.big = [i for i in rest if es[i].numel() > CHUNK]
+        whole = [i for i in rest if es[i].numel() <= CHUNK]
+        # a piece of a strided tensor is whole rows, and a single row may exceed CHUNK
+        room = max([CHUNK] + [p.numel() for i in self.big for p, _ in _pieces(es[i], ms[i], CHUNK)])
+        self.scratch = torch.empty(room, dtype=op, device=device) if rest else None
+        self.chunks, cur, used = [], [], 0
+        for i in whole:
+            n = es[i].numel()
+            if used + n > CHUNK and cur:
+                self.chunks.append(self._chunk(cur, es))
+                cur, used = [], 0
+            cur.append(i)
+            used += n
+        if cur:
+            self.chunks.append(self._chunk(cur, es))
+
+    def _chunk(self, idx, es):
+        views, at = [], 0
+        for i in idx:
+            views.append(self.scratch[at:at + es[i].numel()].view(es[i].shape))
+            at += es[i].numel()
+        return idx, views
+
+
 class _Group:
     """One (device, ema dtype, model dtype) group, cut into cache-sized chunks that share one scratch buffer."""
 
     def __init__(self, device, edt, mdt, es, ms):
-        self.device, self.edt, self.mdt, self.es, self.ms = device, edt, mdt, es, ms
+        self.device, self.edt, self.mdt = device, edt, mdt
         self.op = _opmath(edt)
-        self.chunks = {}  # per mode: (chunks, packed), built at the first update that needs them
+        self.shapes = [e.shape for e in es]  # what the plans are cut to (a plan proves them unchanged)
+        self.plans = {}  # per mode, built at the first update that needs one
         self.seed_math = (edt, mdt) in SEED_ROUNDING_PAIRS
 
-    def _build_packed(self, pairs):
-        """Flat views of the small tensors and two flat buffers, for the packed update."""
-        es, ms = [e.view(-1) for e, _ in pairs], [m.view(-1) for _, m in pairs]
-        total = sum(e.numel() for e in es)
-        ebuf = torch.empty(total, dtype=self.op, device=self.device)
-        mbuf = torch.empty(total, dtype=self.op, device=self.device)
-        return es, ms, ebuf, mbuf, list(ebuf.split([e.numel() for e in es]))
+    def apply(self, es, ms, d, omd, mode):
+        with torch.no_grad():
+            self._apply(es, ms, d, omd, mode)
 
-    def _build_chunks(self, mode):
-        """(the chunks that go through the scratch, the packed small tensors or None (mode 'yolov5'))."""
-        small = [(e, m) for e, m in zip(self.es, self.ms)
-                 if mode == 'yolov5' and 0 < e.numel() <= SMALL and e.is_contiguous() and m.is_contiguous()]
-        picked = {id(e) for e, _ in small}
-        rest = [(e, m) for e, m in zip(self.es, self.ms) if id(e) not in picked]
-        packed = self._build_packed(small) if len(small) > 1 else None
-        if packed is None:
-            rest = list(zip(self.es, self.ms))
-        pieces = [pm for e, m in rest for pm in _pieces(e, m, CHUNK)]
-        if not pieces:
-            return [], packed
-        scratch = torch.empty(max([CHUNK] + [a.numel() for a, _ in pieces]), dtype=self.op, device=self.device)
-        chunks, cur, used = [], ([], [], []), 0
-        for a, b in pieces:
-            if used + a.numel() > scratch.numel() and cur[0]:
-                chunks.append(cur)
-                cur, used = ([], [], []), 0
-            cur[0].append(a)
-            cur[1].append(b)
-            cur[2].append(scratch[used:used + a.numel()].view(a.shape))
-            used += a.numel()
-        if cur[0]:
-            chunks.append(cur)
-        return chunks, packed
-
-    def apply(self, d, omd, mode):
-        with torch.no_grad():  # the cached views were made without grad tracking: write them the same way
-            self._apply(d, omd, mode)
-
-    def _apply(self, d, omd, mode):
+    def _apply(self, es, ms, d, omd, mode):
         if self.seed_math:
-            return _seed_steps(self.es, self.ms, d, omd, mode)
+            return _seed_steps(es, ms, d, omd, mode)
         if isinstance(d, torch.Tensor):
             d, omd = d.to(device=self.device, dtype=self.op), omd.to(device=self.device, dtype=self.op)
         if self.edt != self.op:  # a half/bf16 EMA: math in fp32 copies, rounded once when written back
-            work, ms = [e.to(self.op) for e in self.es], [m.to(self.op) for m in self.ms]
-            _combine(work, ms, d, omd, mode)
-            torch._foreach_copy_(self.es, work)
+            work, wide = [e.to(self.op) for e in es], [m.to(self.op) for m in ms]
+            _combine(work, wide, d, omd, mode)
+            torch._foreach_copy_(es, work)
         elif mode == 'lerp' and self.mdt == self.op:
-            _combine(self.es, self.ms, d, omd, mode)  # no temporary at all
-        elif torch.compiler.is_compiling():  # compile traces plain tensor ops: no cached views of the state
-            _combine(self.es, [m.to(self.op) for m in self.ms], d, omd, mode)
+            _combine(es, ms, d, omd, mode)  # no temporary at all
+        elif torch.compiler.is_compiling():  # compile traces plain tensor ops: no cached buffers
+            _combine(es, [m.to(self.op) for m in ms], d, omd, mode)
         else:
-            if mode not in self.chunks:
-                self.chunks[mode] = self._build_chunks(mode)
-            chunks, packed = self.chunks[mode]
-            if packed is not None:
-                es, ms, ebuf, mbuf, eviews = packed
-                torch.cat(ms, out=mbuf)  # upcasts a half/bf16 model exactly
-                torch.cat(es, out=ebuf)
+            plan = self.plans.get(mode)
+            if plan is None:
+                with torch.inference_mode(False):  # buffers made inside inference_mode must work outside it
+                    plan = self.plans[mode] = _Plan(es, ms, mode, self.op, self.device)
+            if plan.packed is not None:
+                idx, ebuf, mbuf, eviews, mviews = plan.packed
+                pe = _pick(idx, es)
+                torch._foreach_copy_(mviews, _pick(idx, ms))  # upcasts a half/bf16 model exactly
+                torch._foreach_copy_(eviews, pe)
                 _combine([ebuf], [mbuf], d, omd, mode, scratch_is_free=True)
-                torch._foreach_copy_(es, eviews)
-            for es, ms, scratch in chunks:
-                torch._foreach_copy_(scratch, ms)  # upcasts a half/bf16 model exactly
-                _combine(es, scratch, d, omd, mode, scratch_is_free=True)
+                torch._foreach_copy_(pe, eviews)
+            for idx, views in plan.chunks:
+                torch._foreach_copy_(views, _pick(idx, ms))  # upcasts a half/bf16 model exactly
+                _combine(_pick(idx, es), views, d, omd, mode, scratch_is_free=True)
+            for i in plan.big:
+                for pe, pm in _pieces(es[i], ms[i], CHUNK):
+                    view = plan.scratch[:pm.numel()].view(pm.shape)
+                    view.copy_(pm)
+                    _combine([pe], [view], d, omd, mode, scratch_is_free=True)
+
+
+class EmaGroups:
+    """The pure-torch update of ema/model lists of one layout, grouped by (device, dtypes) for the foreach calls;
+    a plan keeps one per device and hands it the lists each step (see the NOTE on cached buffers above)."""
+
+    def __init__(self, ema, model):
+        groups = defaultdict(list)
+        for i, (e, m) in enumerate(zip(ema, model)):
+            groups[(e.device, e.dtype, m.dtype)].append(i)
+        self.groups = [(idx, _Group(device, edt, mdt, _pick(idx, ema), _pick(idx, model)))
+                       for (device, edt, mdt), idx in groups.items()]
+
+    def apply(self, ema, model, decay, decay_tensor, mode, guard=None):
+        d, omd = _decay_pair(decay, decay_tensor)
+        # a decay tensor whose value was not checked on the host (on a device, or traced): [decay tensor]
+        unread = decay_tensor is not None and (decay_tensor.device.type != 'cpu' or torch.compiler.is_compiling())
+        if guard is None and not unread:
+            self._update(ema, model, d, omd, mode)
+            return
+        with torch.no_grad():
+            device = ema[0].device if ema else (guard if guard is not None else decay_tensor).device
+            bad = nonfinite(model).to(device) if guard is not None else None
+            if unread:
+                invalid = ~decay_is_valid(decay_tensor).to(device)
+                bad = invalid if bad is None else bad | invalid
+            if guard is not None and guard.device.type == 'cpu' and not torch.compiler.is_compiling():
+                skip = bool(bad)  # a CPU read is no device sync
+                guard[0] = int(skip)
+                guard[1] += int(skip)
+                if not skip:
+                    self._update(ema, model, d, omd, mode)
+                return
+            # on a device (or traced): no host sync; the update runs, and the old values stay where bad is true
+            before = [e.clone() for e in ema]
+            self._update(ema, model, d, omd, mode)
+            for e, b in zip(ema, before):
+                e.copy_(torch.where(bad, b, e))
+            if guard is not None:
+                guard[0].copy_(bad)
+                guard[1].add_(bad.long())
+
+    def _update(self, ema, model, d, omd, mode):
+        if len(self.groups) == 1:
+            self.groups[0][1].apply(ema, model, d, omd, mode)
+            return
+        for idx, g in self.groups:
+            g.apply(_pick(idx, ema), _pick(idx, model), d, omd, mode)
 
 
 def _seed_steps(es, ms, d, omd, mode):
@@ -213,57 +280,6 @@ def _combine(es, ms, d, omd, mode, scratch_is_free=False):
         torch._foreach_add_(es, tmp)
     else:
         torch._foreach_lerp_(es, ms, omd if not isinstance(omd, torch.Tensor) else [omd] * len(ms))
-
-
-class EmaGroups:
-    """Validated ema/model lists grouped by (device, dtypes) for the foreach calls; a plan keeps one per device.
-
-    ``unchanged`` is a plan's per-step proof that no tensor was swapped since (``.to()``/``.half()``/``.data =``
-    keep the Parameter object but change its data pointer, dtype or shape), in C-level maps.
-    """
-
-    def __init__(self, ema, model):
-        self.ema, self.model = list(ema), list(model)
-        # traced by torch.compile, tensors have no real memory: such groups are used once, never rechecked
-        self.key = None if torch.compiler.is_compiling() else self._key()
-        groups = defaultdict(lambda: ([], []))
-        for e, m in zip(self.ema, self.model):
-            g = groups[(e.device, e.dtype, m.dtype)]
-            g[0].append(e)
-            g[1].append(m)
-        self.groups = [_Group(device, edt, mdt, es, ms) for (device, edt, mdt), (es, ms) in groups.items()]
-
-    def _key(self):
-        ts = [*self.ema, *self.model]
-        return list(map(_PTR, ts)), list(map(_DTYPE, ts)), list(map(_SHAPE, ts))
-
-    def unchanged(self) -> bool:
-        return self.key is not None and self._key() == self.key
-
-    def apply(self, decay, decay_tensor, mode, guard=None):
-        d, omd = _decay_pair(decay, decay_tensor)
-        if guard is None:
-            for g in self.groups:
-                g.apply(d, omd, mode)
-            return
-        with torch.no_grad():
-            bad = nonfinite(self.model)
-            if guard.device.type == 'cpu' and not torch.compiler.is_compiling():  # a CPU read is no device sync
-                skip = bool(bad)
-                guard[0] = int(skip)
-                guard[1] += int(skip)
-                if not skip:
-                    for g in self.groups:
-                        g.apply(d, omd, mode)
-                return
-            # on a device (or traced): no host sync; the update runs, and the old values stay where bad is true
-            before = [e.clone() for e in self.ema]
-            for g in self.groups:
-                g.apply(d, omd, mode)
-            for e, b in zip(self.ema, before):
-                e.copy_(torch.where(bad, b, e))
-            guard[0].copy_(bad)
-            guard[1].add_(bad.long())
 
 
 # Zero counting on the CPU: `logical_not(t)` (true exactly where t == 0: -0.0 included, NaN not) into a reused

@@ -77,14 +77,19 @@ def _parse(device):
     return [str(int(t)) for t in toks]
 
 
-def select_device(device='', batch_size=0, newline=True, *, verbose=True):
+def select_device(device='', batch_size=0, newline=True, *, batch=None, verbose=True):
     """Pick the torch.device for ``device`` (None, 'cpu', 'mps', 0, '0', '0,1', 'cuda:1', ...) and log it.
 
     As the seed: a GPU request sets CUDA_VISIBLE_DEVICES and returns cuda:0. Bad input raises ValueError
-    and leaves os.environ as it was. ``verbose=False`` (Ultralytics' keyword) skips the log line. Ultralytics'
+    and leaves os.environ as it was. Ultralytics' keywords: ``batch`` (8.0-8.3's name for the seed's
+    ``batch_size``) and ``verbose=False`` (skips the log line). Ultralytics 8.4's
     ``select_device(device, newline, verbose)`` clashes with the seed in the second position and in
     ``newline``'s default: the seed's wins.
     """
+    if batch is not None:
+        if batch_size not in (0, batch):
+            raise TypeError(f'select_device got batch_size={batch_size} and batch={batch}: pass one of them')
+        batch_size = batch
     s = f'YOLOv5 🚀 {git_describe() or file_date()} Python-{platform.python_version()} torch-{torch.__version__} '
     req = _parse(device)
     cpu, mps = req == 'cpu', req == 'mps'

@@ -2,27 +2,20 @@
 from __future__ import annotations
 
 import inspect
-import logging
 
 import torch
 import torch.nn as nn
 
+from ._fuse_rules import CONV as _CONV
+from ._fuse_rules import buffer as _buffer
+from ._fuse_rules import find_pairs, fuses_like_yolo
+from ._fuse_rules import out_channels as _out_channels
+from ._fuse_rules import param as _param
 from ._ops import fold_conv_bn
-from ._walk import modules_once
-from .fuse_graph import graph_pairs
-
-_LOG = logging.getLogger('torchutils_ext')
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-# Exact types only: subclasses (timm's BatchNormAct2d, ...) add behaviour that folding would drop.
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _transposed_groups(layer) -> int:
     return layer.groups if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
-
-
-def _out_channels(layer) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _check_pair(layer, bn):
@@ -34,23 +27,6 @@ def _check_pair(layer, bn):
         raise ValueError('BatchNorm without running statistics (track_running_stats=False) cannot be folded')
     if bn.num_features != _out_channels(layer):
         raise ValueError(f'BatchNorm has {bn.num_features} channels, the layer before it has {_out_channels(layer)}')
-
-
-_MISSING = object()
-
-
-def _param(module, name):
-    """``getattr(module, name)`` for a parameter slot as one dict read: Module.__getattr__ runs only after a
-    failed normal lookup, and fusing a large model reads hundreds of slots. Anything else (a parametrized weight
-    is a property) goes through getattr."""
-    v = module._parameters.get(name, _MISSING)
-    return getattr(module, name) if v is _MISSING else v
-
-
-def _buffer(module, name):
-    """The same for a buffer slot (BatchNorm running statistics)."""
-    v = module._buffers.get(name, _MISSING)
-    return getattr(module, name) if v is _MISSING else v
 
 
 def _fold_args(pairs):
@@ -122,109 +98,6 @@ def _copy_hyperparameters(layer):
     return new
 
 
-def _foldable(layer, bn) -> bool:
-    """A layer→BN pair fuse_model can fold in place: exact BN types with running statistics, and a layer whose
-    weight and bias are plain parameter slots. A parametrized weight (weight_norm, ...) is computed on each
-    access: folding into it would change nothing and leave the model wrong once the BN is dropped."""
-    if not (isinstance(layer, _CONV) and type(bn) in _BN):
-        return False
-    p = layer._parameters
-    return _buffer(bn, 'running_mean') is not None and p.get('weight') is not None and 'bias' in p
-
-
-def _yolo_conv_forward(self, x):  # the forward of YOLOv5's and Ultralytics' Conv (and DWConv, a subclass)
-    return self.act(self.bn(self.conv(x)))
-
-
-def _conv_bn_forward(self, x):
-    return self.bn(self.conv(x))
-
-
-_KNOWN_FORWARDS = {(f.__code__.co_code, f.__code__.co_names) for f in (_yolo_conv_forward, _conv_bn_forward)}
-_PLAIN_FORWARDS = {c.forward for c in _CONV} | {nn.Sequential.forward}
-
-
-def _known_block(m) -> bool:
-    """A block whose forward is exactly ``act(bn(conv(x)))`` or ``bn(conv(x))``: compared as bytecode, so a
-    pre-activation block, ``bn(conv(x) + cv2(x))`` (Ultralytics' Conv2) or any other wiring of the same
-    attributes does not match."""
-    code = getattr(type(m).forward, '__code__', None)
-    return code is not None and (code.co_code, code.co_names) in _KNOWN_FORWARDS
-
-
-def _hooked(*modules) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
-        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-
-
-def _places(model):
-    """{id(module): how many parents register it}."""
-    places = {}
-    for m in modules_once(model):
-        for child in m._modules.values():
-            if child is not None:
-                places[id(child)] = places.get(id(child), 0) + 1
-    return places
-
-
-def _pair_problem(parent, layer, bn, places):
-    """Why a layer→BN pair whose wiring is known must still be left alone, or None."""
-    return (f'{type(layer).__name__} has its own forward()' if type(layer).forward not in _PLAIN_FORWARDS
-            else 'a hook runs on it' if _hooked(parent, layer, bn)
-            else 'the layer or the BatchNorm is registered at more than one place'
-            if places.get(id(layer), 0) > 1 or places.get(id(bn), 0) > 1 else None)
-
-
-def _graph_pairs(model, paired, places, skips):
-    """Pairs from the traced graph, for the BNs the attribute rules left unpaired (``paired``: their ids)."""
-    def layer_ok(parent, layer, bn):
-        if not _foldable(layer, bn):
-            return f'{type(layer).__name__} is not a foldable layer (a parametrized weight, or no bias slot)'
-        return _pair_problem(parent, layer, bn, places)
-    return [(parent, layer, attr, 'seq') for parent, layer, attr in graph_pairs(model, layer_ok, _BN, paired, skips)]
-
-
-def _find_pairs(model, skips):
-    """(parent, layer, bn, how) for the pairs whose wiring is known without tracing: YOLO blocks whose forward is
-    ``act(bn(conv(x)))`` and layer→BN neighbours in a plain ``nn.Sequential``; the layer and the BN run torch's
-    own forward, carry no hooks and are registered at one place only. Every other candidate is logged (debug)
-    with the reason it is left alone: folding a pair that forward() does not wire that way corrupts the model.
-    BNs still unpaired then are looked for in the traced graph (``fuse_graph``). ``skips`` receives
-    (layer, bn, reason) for every candidate left alone."""
-    places = _places(model)
-    found, seen = [], set()
-
-    def consider(parent, layer, bn, key, how, wiring_known):
-        if not _foldable(layer, bn) or id(bn) in seen:
-            return
-        why = ('its forward() is not act(bn(conv(x))) or bn(conv(x))' if not wiring_known
-               else _pair_problem(parent, layer, bn, places))
-        if why:
-            _LOG.debug('fuse_model: %s -> %s in %s left unfused: %s', type(layer).__name__, type(bn).__name__,
-                       type(parent).__name__, why)
-            skips.append((layer, bn, why))
-            return
-        seen.add(id(bn))
-        found.append((parent, layer, key, how))
-
-    left = False  # an exact-type BN with running statistics that no rule paired: worth a trace
-    for m in modules_once(model):
-        if type(m) in _BN and _buffer(m, 'running_mean') is not None and id(m) not in seen:
-            left = True  # (seen grows as pairs are found: checked again below)
-        kids = m._modules  # dict lookups: a getattr miss raises and catches an AttributeError
-        conv, bn = kids.get('conv'), kids.get('bn')
-        if conv is not None and bn is not None:
-            consider(m, conv, bn, bn, 'block', _known_block(m))
-        if isinstance(m, nn.Sequential):
-            items = list(kids.items())
-            for (_, a), (name, b) in zip(items, items[1:]):
-                consider(m, a, b, name, 'seq', type(m).forward is nn.Sequential.forward)
-    if left and any(type(m) in _BN and _buffer(m, 'running_mean') is not None and id(m) not in seen
-                    for m in modules_once(model)):
-        found += _graph_pairs(model, seen, places, skips)
-    return found
-
-
 def _plain_setattr(module) -> bool:
     """The class keeps Module.__setattr__, which stores a non-module, non-tensor value in __dict__ and nothing else."""
     return type(module).__setattr__ is nn.Module.__setattr__
@@ -242,41 +115,26 @@ def _set_bias(layer, b):
 
 
 def fuse_model(model, *, report=False):
-    """Fold every Conv/Linear + BatchNorm pair of ``model`` in place with one batched call; returns ``model``
-    (``report=True``: ``(model, report)``, see below).
+    """Fold every Conv/ConvTranspose + BatchNorm pair of ``model`` whose wiring is proven, in place, with one batched
+    call; returns ``model`` (``report=True``: ``(model, report)``).
 
-    YOLO blocks with ``.conv``/``.bn`` lose ``bn`` and switch ``forward`` to ``forward_fuse`` when they have
-    one (the YOLOv5/Ultralytics convention; otherwise ``bn`` becomes ``nn.Identity``); a BN that follows a layer
-    in an ``nn.Sequential`` becomes ``nn.Identity``. When BNs are left over, the model is traced (torch.fx) and
-    the layer→BN edges of its graph are folded too, their BNs becoming ``nn.Identity`` (ResNet's conv1/bn1).
-    Folding uses the BN running statistics (eval semantics).
+    Which pairs, and why the others are left alone: ``_fuse_rules`` (the pair's own conditions, then its wiring:
+    a YOLOv5/Ultralytics ``Conv`` block, a plain ``nn.Sequential``, or the traced graph of forward()). Blocks with
+    ``.conv``/``.bn`` lose ``bn`` and switch ``forward`` to ``forward_fuse`` when they have one (the
+    YOLOv5/Ultralytics convention; otherwise ``bn`` becomes ``nn.Identity``); any other folded BN becomes
+    ``nn.Identity``. Folding uses the BN's running statistics: only BNs in eval mode are folded.
 
     ``report``: ``{'folded': [(layer name, bn name)], 'skipped': [(layer name or None, bn name or None, reason)]}``
-    with the names of ``model.named_modules()`` before fusing; every candidate pair left alone is there with the
-    reason (its wiring is unknown, a hook, a shared layer, a BN in training mode, an untraceable model, ...).
+    with the names of ``model.named_modules()`` before fusing; each BN appears once. Nothing is changed when the
+    fold raises (a pair its checks refuse): the op validates every pair before it writes any.
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError('fuse_model changes an nn.Module in place; a ScriptModule (torch.jit.script/trace) cannot '
                         'be changed that way: fuse the eager model first, then script it')
-    skips = []
-    found = _find_pairs(model, skips)
-    # (a layer followed by two BNs is registered at two places, or called twice in the graph: never found)
-    pairs = [(layer, bn if how == 'block' else parent._modules[bn]) for parent, layer, bn, how in found]
-    for layer, bn in pairs:
-        _check_pair(layer, bn)
-    summary = _report(model, pairs, skips) if report else None  # names before the BNs are replaced
-    if pairs:
-        _fold_pairs(found, pairs)
+    found, summary = find_pairs(model)
+    if found:
+        _fold_pairs(found, [(layer, bn if how == 'block' else parent._modules[bn]) for parent, layer, bn, how in found])
     return (model, summary) if report else model
-
-
-def _report(model, pairs, skips):
-    names = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), name)
-    name = lambda m: None if m is None else names.get(id(m))  # noqa: E731
-    return {'folded': [(name(layer), name(bn)) for layer, bn in pairs],
-            'skipped': [(name(layer), name(bn), why) for layer, bn, why in skips]}
 
 
 def _fold_pairs(found, pairs):
@@ -291,7 +149,7 @@ def _fold_pairs(found, pairs):
                 bias.copy_(b)
         if how == 'seq':
             parent._modules[bn] = nn.Identity()
-        elif hasattr(parent, 'forward_fuse'):
+        elif fuses_like_yolo(parent):
             delattr(parent, 'bn')
             if _plain_setattr(parent):
                 parent.__dict__['forward'] = parent.forward_fuse  # all Module.__setattr__ does for a method

@@ -1,4 +1,4 @@
-// EmaPlan: ema_update_ over lists that stay the same from step to step (ModelEMA's).
+// EmaPlan: ema_update_ over the same (EMA, model) pairs from step to step (ModelEMA's), validated once.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
@@ -10,32 +10,24 @@
 
 namespace torchutils_ext {
 
-// NOTE: [EMA plan] Converting two Python lists of tensors to C++ and validating them is host work per tensor on
-// every call of the op. A plan does it once. Each step then only proves that every tensor still has the data
-// pointer, dtype, device, sizes and strides it was validated with (a .to()/.half()/`.data =` swap changes one);
-// when one changed the plan is stale, nothing is written, and its owner builds a new plan.
+// NOTE: [EMA plan] Validating the lists is host work per tensor on every call of the op. A plan validates once;
+// it holds no tensor (see [state watch] in python/watch.h, which proves each step that the tensors handed in
+// have the metadata the plan was validated with), only what the validation decided.
 class EmaPlan {
  public:
-  EmaPlan(std::vector<at::Tensor> ema, std::vector<at::Tensor> model, c10::string_view mode);
-  bool current() const;
+  EmaPlan(at::TensorList ema, at::TensorList model, c10::string_view mode);
   // Checks the decay, the guard (nonfinite.h) and that every EMA tensor may be written; raises before any write.
-  void prepare(double decay, const std::optional<at::Tensor>& decay_tensor, const std::optional<at::Tensor>& guard);
-  // Runs the device kernel on a current, prepared plan and bumps the written tensors' versions.
-  void run();
+  void prepare(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
+               const std::optional<at::Tensor>& guard);
+  // Runs the device kernel over the prepared call and bumps the written tensors' versions.
+  void run(at::TensorList ema, at::TensorList model);
 
  private:
-  struct Seen {  // one tensor as validated; its sizes and strides live in shape_[off, off + 2 * dim)
-    const void* ptr;
-    at::ScalarType dtype;
-    at::Device device;
-    int64_t dim, off;
-  };
-  const at::Tensor& tensor(size_t k) const { return k < ema_.size() ? ema_[k] : model_[k - ema_.size()]; }
-
-  std::vector<at::Tensor> ema_, model_;
   EmaCall call_;
-  std::vector<Seen> seen_;
-  std::vector<int64_t> shape_;
 };
+
+// The integer buffers copy_buffers copies (timm's policy), after the float update of the same step. With a guard,
+// a skipped step leaves them too (guard[0] says so on the device: no sync).
+void copy_int_buffers(at::TensorList ema, at::TensorList model, const std::optional<at::Tensor>& guard);
 
 }  // namespace torchutils_ext

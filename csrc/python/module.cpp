@@ -6,9 +6,12 @@ namespace torchutils_ext {
 namespace {
 
 PyMethodDef methods[] = {
-    {"slots_unchanged", slots_unchanged, METH_VARARGS, "dicts[i][keys[i]] is values[i] for every i"},
+    {"watch_new", watch_new, METH_VARARGS,
+     "watch_new(ema_ref, model_ref, fast, full, generation, slots) -> watch (see NOTE [state watch])"},
+    {"watch_read", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(watch_read)), METH_FASTCALL,
+     "watch_read(watch, ema_module, model_module) -> the slots' tensors now, or None when something changed"},
     {"ema_plan_new", ema_plan_new, METH_VARARGS,
-     "ema_plan_new(ema_module, model_module, dicts, keys, values, groups, mode) -> plan"},
+     "ema_plan_new(watch, ema_module, model_module, groups, ints, mode) -> plan"},
     {"ema_plan_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(ema_plan_step)), METH_FASTCALL,
      "ema_plan_step(plan, ema_module, model_module, decay, guard=None) -> True (updated) or False (stale, nothing written)"},
     {nullptr, nullptr, 0, nullptr}};
