@@ -20,10 +20,10 @@ EmaRunner ema_runner(c10::DeviceType device) {
 }
 
 EmaSpans::EmaSpans(const EmaCall& call, at::TensorList ema, at::TensorList model) {
-  spans_.reserve(call.fast.size() + call.slow.size());
-  for (int64_t i : call.fast)
+  spans_.reserve(call.dense.size() + call.strided.size());
+  for (int64_t i : call.dense)
     if (ema[i].numel()) spans_.push_back({ema[i].data_ptr(), model[i].data_ptr(), ema[i].numel(), call.kinds[i]});
-  for (int64_t i : call.slow) {
+  for (int64_t i : call.strided) {
     if (!ema[i].numel()) continue;
     originals_.push_back(ema[i]);
     copies_.push_back(ema[i].contiguous());

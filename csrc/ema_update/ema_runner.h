@@ -44,7 +44,7 @@ void ema_update_tensor(at::TensorList ema, at::TensorList model, const at::Tenso
   ema_update_op<Run>(ema, model, 0.0, decay, mode, guard);
 }
 
-// NOTE: [EMA spans] The kernels walk each pair as two flat spans of one layout. The other pairs (call.slow:
+// NOTE: [EMA spans] The kernels walk each pair as two flat spans of one layout. The other pairs (call.strided:
 // strided, or dense with different strides) go through the same kernels on contiguous copies, written back
 // afterwards, so each device has one copy of the math.
 class EmaSpans {
