@@ -5,13 +5,19 @@
 namespace torchutils_ext {
 namespace {
 
-EmaRunner g_runners[2] = {nullptr, nullptr};  // CPU, CUDA
-int runner_slot(c10::DeviceType d) { return d == c10::DeviceType::CPU ? 0 : d == c10::DeviceType::CUDA ? 1 : -1; }
+// one slot per device type, filled by TUE_REGISTER_EMA_RUNNER when the library loads
+EmaRunner g_runners[c10::COMPILE_TIME_MAX_DEVICE_TYPES] = {};
+int runner_slot(c10::DeviceType d) {
+  const int s = static_cast<int>(d);
+  return s >= 0 && s < c10::COMPILE_TIME_MAX_DEVICE_TYPES ? s : -1;
+}
 
 }  // namespace
 
 EmaRunnerRegistration::EmaRunnerRegistration(c10::DeviceType device, EmaRunner runner) {
-  g_runners[runner_slot(device)] = runner;
+  const int s = runner_slot(device);
+  TORCH_CHECK(s >= 0, "ema_update_: no runner slot for device type ", device);
+  g_runners[s] = runner;
 }
 
 EmaRunner ema_runner(c10::DeviceType device) {

@@ -309,13 +309,8 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
   spans.write_back();
 }
 
-const EmaRunnerRegistration register_cpu_runner(c10::DeviceType::CPU, &ema_run_cpu);
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchutils_ext, CPU, m) {
-  m.impl("ema_update_.Scalar", &ema_update_scalar<&ema_run_cpu>);
-  m.impl("ema_update_.Tensor", &ema_update_tensor<&ema_run_cpu>);
-}
-
 }  // namespace torchutils_ext
+
+TUE_REGISTER_EMA_RUNNER(CPU, torchutils_ext::ema_run_cpu)
