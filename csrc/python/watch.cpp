@@ -3,6 +3,9 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <tuple>
+#include <utility>
+
 namespace torchutils_ext {
 namespace {
 
@@ -99,12 +102,21 @@ StateWatch::StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* fast, P
   }
 }
 
+// Where a tensor's elements lie, read inline: its storage's data and its offset in elements (TensorImpl::data()
+// reaches the same through an out-of-line call and more checks; this is per tensor per step). A tensor without
+// storage takes data(), which raises as data_ptr() does.
+static std::pair<const void*, int64_t> where_of(const c10::TensorImpl* impl) {
+  const c10::Storage& st = impl->unsafe_storage();
+  if (!st) return {impl->data(), 0};
+  return {st.unsafeGetStorageImpl()->data(), impl->storage_offset()};
+}
+
 void StateWatch::record(Py_ssize_t slot, PyObject* obj) {
   const at::Tensor& t = THPVariable_Unpack(obj);
   Seen& s = seen_[slot];
   s.type = Py_TYPE(obj);
-  s.ptr = t.data_ptr();
-  s.dtype = t.scalar_type();
+  std::tie(s.ptr, s.offset) = where_of(t.unsafeGetTensorImpl());
+  s.dtype = t.dtype();
   s.device = t.device();
   s.dim = t.dim();
   s.off = static_cast<int64_t>(shape_.size());
@@ -115,10 +127,10 @@ void StateWatch::record(Py_ssize_t slot, PyObject* obj) {
 bool StateWatch::matches(Py_ssize_t slot, PyObject* obj) const {
   const Seen& s = seen_[slot];
   if (Py_TYPE(obj) != s.type) return false;  // recorded as a tensor type: the same type is one
-  const at::Tensor& t = THPVariable_Unpack(obj);
+  const c10::TensorImpl* impl = THPVariable_Unpack(obj).unsafeGetTensorImpl();
+  if (impl->dtype() != s.dtype || impl->dim() != s.dim || impl->device() != s.device) return false;
   const at::IntArrayRef sizes(shape_.data() + s.off, s.dim), strides(shape_.data() + s.off + s.dim, s.dim);
-  return t.data_ptr() == s.ptr && t.scalar_type() == s.dtype && t.device() == s.device && t.sizes() == sizes &&
-         t.strides() == strides;
+  return impl->sizes() == sizes && impl->strides() == strides && where_of(impl) == std::make_pair(s.ptr, s.offset);
 }
 
 // NOTE: right after a training step the watched objects are out of cache, and each check is a chain of dependent

@@ -50,8 +50,9 @@ class StateWatch {
  private:
   struct Seen {  // one slot's tensor as recorded; sizes and strides live in shape_[off, off + 2 * dim)
     PyTypeObject* type = nullptr;
-    const void* ptr = nullptr;
-    at::ScalarType dtype = at::ScalarType::Undefined;
+    const void* ptr = nullptr;  // the storage's data (where_of in watch.cpp)
+    int64_t offset = 0;         // and the tensor's offset into it, in elements
+    caffe2::TypeMeta dtype;
     at::Device device = at::kCPU;
     int64_t dim = 0, off = 0;
   };
