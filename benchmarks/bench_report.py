@@ -3,10 +3,13 @@ import json
 import os
 
 import bench_chart
+import bench_train_table
 from bench_targets import SAME_NUMERICS, evaluate
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
+TITLES = {'train': 'YOLOv5 v7.0 training step (fp32)',
+          'train-bf16': 'YOLOv5 v7.0 training step (bf16 autocast, fp32 model and EMA)',
+          'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
           'fuse': 'Conv+BN fusion, every pair of the model', 'sparsity': 'sparsity(model)',
           'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)'}
 
@@ -16,11 +19,11 @@ class Report:
         self.device, self.quick, self.info = device, quick, info
         self.rows, self.roof, self.roof_runs = [], None, None
 
-    def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note=''):
+    def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note='', **extra):
         """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours' | 'limit' (a bandwidth yardstick,
-        not a competitor). timing None = row not run."""
+        not a competitor). timing None = row not run. extra: a bench's own columns (the training step's)."""
         row = {'bench': bench, 'model': model, 'impl': impl, 'role': role, 'bytes': bytes_moved,
-               'launches': launches, 'check': check, 'note': note}
+               'launches': launches, 'check': check, 'note': note, **extra}
         row.update(timing or {'median_ms': None})
         self.rows.append(row)
         return row
@@ -69,6 +72,9 @@ class Report:
         for bench, title in TITLES.items():
             rows = [r for r in self.rows if r['bench'] == bench]
             if not rows:
+                continue
+            if bench.startswith('train'):
+                lines += [f'## {title}', ''] + bench_train_table.markdown(rows) + ['']
                 continue
             lines += [f'## {title}', '', '| ' + ' | '.join(cols[i] for i in keep) + ' |', '|' + '---|' * len(keep)]
             for r in rows:

@@ -2,11 +2,12 @@
 # One prepared run for a lent GPU machine (no network, torch preinstalled), in two parts so that the quick one
 # always fits a device budget that also pays for the machine's start:
 #   bash benchmarks/gpu_check.sh quick            build for the visible GPU, CUDA tests, the probe (~3-5 min)
-#   bash benchmarks/gpu_check.sh bench [s,l,x]    the CUDA benchmark tables (after quick, on the same machine)
+#   bash benchmarks/gpu_check.sh bench [s,l,x]    the training step (yolov5n/s), then the CUDA benchmark tables
+#                                                 (after quick, on the same machine)
 # Everything goes to $OUT (default benchmarks/results/gpu): check.log (build, tests, probe) or bench.log, and for
-# bench the fresh cuda.{md,json,svg}. Old results are deleted first; each log starts with a stamp (commit, time,
-# torch, CUDA, GPU) and each result file carries the same in its header, so figures from an earlier run can
-# never come back looking new.
+# bench train_step_cuda.{md,json} and the fresh cuda.{md,json,svg}. Old results are deleted first; each log starts
+# with a stamp (commit, time, torch, CUDA, GPU) and each result file carries the same in its header, so figures
+# from an earlier run can never come back looking new.
 # COMMIT=<sha> names the commit where the copy has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +54,18 @@ quick)
   ;;
 bench)
   LOG="$OUT/bench.log"
-  rm -f "$LOG" "$OUT"/cuda*.md "$OUT"/cuda*.json "$OUT"/cuda*.svg benchmarks/results/cuda*.md \
-    benchmarks/results/cuda*.json benchmarks/results/cuda*.svg
+  rm -f "$LOG" "$OUT"/cuda*.md "$OUT"/cuda*.json "$OUT"/cuda*.svg "$OUT"/train_step_cuda.* \
+    benchmarks/results/cuda*.md benchmarks/results/cuda*.json benchmarks/results/cuda*.svg
   stamp > "$LOG"
-  timeout 420 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider >> "$LOG" 2>&1
+  # YOLOv5's training step, seed vs ours, first and on its own: short, and its table survives a timeout below.
+  # It needs the yolov5 package (YOLOV5_CLIENT=1 in scripts/_install.sh); without it the log says skipped.
+  timeout 150 $PY -m pytest benchmarks/test_bench_train_step.py --device cuda -q -rs -p no:cacheprovider >> "$LOG" 2>&1
+  echo "train-step rc=$?" >> "$LOG"
+  for f in benchmarks/results/cuda.md benchmarks/results/cuda.json; do
+    [ -f "$f" ] && mv "$f" "$OUT/train_step_${f##*/}"
+  done
+  timeout 420 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider \
+    --ignore=benchmarks/test_bench_train_step.py >> "$LOG" 2>&1
   echo "benchmark rc=$?" >> "$LOG"
   grep -E '^\||^#|passed|failed|error|rc=' "$LOG" | tail -60
   # only what this run wrote (deleted above); their headers carry the date, commit, torch, CUDA and GPU
