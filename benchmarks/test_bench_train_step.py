@@ -87,7 +87,7 @@ def test_train_step(precision, train_model, cfg, report):
         pytest.skip('this GPU has no bf16')
     base = train_loop.build_model(yolo, root, train_model, IMGSZ, cfg.device)
     batches = train_loop.synthetic_batches(4, BATCH, IMGSZ)
-    steps, warmup = (2, 1) if cfg.quick else (10, 2)
+    steps, warmup = (3, 1) if cfg.quick else (cfg.repeats, cfg.warmup)
 
     loops, roles = {}, {}
     for name, role, tu, backend, why in _sides(seed_tu, cfg.device):
