@@ -42,7 +42,7 @@ class Report:
             limit = next((r['median_ms'] for r in group if r['role'] == 'limit'), None)
             for r in group:
                 t = r['median_ms']
-                r['vs_seed'] = seed / t if seed else None
+                r['vs_seed'] = r.get('paired_vs_seed') or (seed / t if seed else None)  # a bench's own pairing
                 r['vs_best'] = best / t if best else None
                 r['vs_peer'] = twin / t if twin else None
                 r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
