@@ -11,7 +11,9 @@ TITLES = {'train': 'YOLOv5 v7.0 training step (fp32)',
           'train-bf16': 'YOLOv5 v7.0 training step (bf16 autocast, fp32 model and EMA)',
           'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
           'fuse': 'Conv+BN fusion, every pair of the model', 'sparsity': 'sparsity(model)',
-          'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)'}
+          'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)',
+          'ul-ema': "Ultralytics' ModelEMA.update vs ours (fp32, their yaml models)",
+          'ul-fuse': "Ultralytics' BaseModel.fuse vs ours (enable_for_ultralytics)"}
 
 
 class Report:
@@ -104,7 +106,11 @@ class Report:
 
 
 def _model_key(m):
-    return ('nsmlx'.index(m), '') if m in ('n', 's', 'm', 'l', 'x') else (9, m)
+    if m in ('n', 's', 'm', 'l', 'x'):
+        return ('nsmlx'.index(m), '')
+    if m.startswith('yolo') and m[-1] in 'nsmlx':  # Ultralytics names: family, then size
+        return (9, m[:-1], 'nsmlx'.index(m[-1]))
+    return (9, m)
 
 
 def _fmt(v, spec):

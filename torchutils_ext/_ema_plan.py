@@ -379,8 +379,8 @@ class TorchPlan(FreshListsPlan):
         decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
         ints = self.ints(now)
         lists = [(_as_list(get_e(now)), _as_list(get_m(now))) for get_e, get_m in self.lists]
-        for es, _ in lists:
-            check_decay(decay, decay_tensor, es[0].device)
+        for es, ms in lists:
+            check_decay(decay, decay_tensor, es[0].device, (*es, *ms, guard))
             check_guard(guard, es[0].device)
         with torch.no_grad():
             for batch, (es, ms) in zip(self.batches, lists):

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace
+from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -211,13 +211,19 @@ class EmaGroups:
 
     def apply(self, ema, model, decay, decay_tensor, mode, guard=None):
         d, omd = _decay_pair(decay, decay_tensor)
-        if guard is None:
+        # a decay tensor whose value was not checked on the host (on a device, or traced): [decay tensor]
+        unread = decay_tensor is not None and (decay_tensor.device.type != 'cpu' or torch.compiler.is_compiling())
+        if guard is None and not unread:
             self._update(ema, model, d, omd, mode)
             return
         with torch.no_grad():
-            bad = nonfinite(model)
-            if guard.device.type == 'cpu' and not torch.compiler.is_compiling():  # a CPU read is no device sync
-                skip = bool(bad)
+            device = ema[0].device if ema else (guard if guard is not None else decay_tensor).device
+            bad = nonfinite(model).to(device) if guard is not None else None
+            if unread:
+                invalid = ~decay_is_valid(decay_tensor).to(device)
+                bad = invalid if bad is None else bad | invalid
+            if guard is not None and guard.device.type == 'cpu' and not torch.compiler.is_compiling():
+                skip = bool(bad)  # a CPU read is no device sync
                 guard[0] = int(skip)
                 guard[1] += int(skip)
                 if not skip:
@@ -228,8 +234,9 @@ class EmaGroups:
             self._update(ema, model, d, omd, mode)
             for e, b in zip(ema, before):
                 e.copy_(torch.where(bad, b, e))
-            guard[0].copy_(bad)
-            guard[1].add_(bad.long())
+            if guard is not None:
+                guard[0].copy_(bad)
+                guard[1].add_(bad.long())
 
     def _update(self, ema, model, d, omd, mode):
         if len(self.groups) == 1:

@@ -44,10 +44,23 @@ def _state_device(module):
     return torch.device('cpu')
 
 
+def _static(t):
+    """A state tensor each update mutates in place, at one address for its life: marked for torch.compile, whose
+    CUDA graphs (mode='reduce-overhead') otherwise skip a graph that mutates an input that is neither a parameter
+    nor a buffer."""
+    torch._dynamo.mark_static_address(t, guard=False)
+    return t
+
+
 def _counter(updates, device):
     """The capturable update counter: float64 (float32 on MPS), one element. NOTE: 1-d, not 0-d: torch 2.13's
     compiled graphs (aot_eager) drop in-place updates of 0-d float64 tensors."""
-    return torch.full((1,), float(updates), device=device, dtype=torch.float64 if has_float64(device) else torch.float32)
+    return _static(torch.full((1,), float(updates), device=device,
+                              dtype=torch.float64 if has_float64(device) else torch.float32))
+
+
+def _guard_tensor(device):
+    return _static(torch.zeros(2, dtype=torch.int64, device=device))
 
 
 # Past this many entries (tau above ~110,000 updates) the capturable ramp is computed on the device instead of read
@@ -57,14 +70,13 @@ RAMP_TABLE_LIMIT = 1 << 22
 
 @functools.lru_cache(maxsize=16)
 def _seed_ramp(decay: float, tau: float):
-    """The seed's decays ``decay * (1 - math.exp(-x / tau))`` for x = 0, 1, ... as the host computes them, up to
-    the first x where ``1 - exp(-x / tau)`` rounds to 1: from there on (exp only decreases) every decay is
-    ``decay`` itself, the table's last entry. None when that takes more than RAMP_TABLE_LIMIT entries."""
-    out = []
+    """The seed's decays (``SeedRamp``) for x = 0, 1, ... as the host computes them, up to the first that equals
+    ``decay``: every later one does too, the table's last entry. None when that takes more than RAMP_TABLE_LIMIT
+    entries."""
+    seed, out = SeedRamp(decay, tau), []
     for x in range(RAMP_TABLE_LIMIT):
-        ramp = 1 - math.exp(-x / tau)
-        out.append(decay * ramp)
-        if ramp == 1.0:
+        out.append(seed(x))
+        if out[-1] == decay:  # the ramp only rises (rounding is monotone) and never passes decay: flat from here
             return out
     return None
 
@@ -149,7 +161,7 @@ class ModelEMA:
             self._count = _counter(updates, device)
             self._table = _ramp_table(decay, tau, self._count)
         if skip_nonfinite:
-            self._guard = torch.zeros(2, dtype=torch.int64, device=device)
+            self._guard = _guard_tensor(device)
         self.decay = self._seed_decay = SeedRamp(decay, tau)  # exponential ramp (to help early epochs)
         self._ramp = (decay, tau)
         self.mode = mode
@@ -188,8 +200,7 @@ class ModelEMA:
         if self.skip_nonfinite:
             guard = self._guard
             if guard is None or guard.device != device:
-                self._guard = guard = (torch.zeros(2, dtype=torch.int64, device=device) if guard is None
-                                       else guard.to(device))
+                self._guard = guard = _guard_tensor(device) if guard is None else _static(guard.to(device))
         if not self.capturable:
             return self.decay(self._updates + 1), guard
         if self.decay is not self._seed_decay:

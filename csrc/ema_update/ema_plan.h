@@ -17,7 +17,7 @@ class EmaPlan {
  public:
   EmaPlan(at::TensorList ema, at::TensorList model, c10::string_view mode);
   // Checks the decay, the guard (nonfinite.h) and that every EMA tensor may be written; raises before any write.
-  void prepare(at::TensorList ema, double decay, const std::optional<at::Tensor>& decay_tensor,
+  void prepare(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
                const std::optional<at::Tensor>& guard);
   // Runs the device kernel over the prepared call and bumps the written tensors' versions.
   void run(at::TensorList ema, at::TensorList model);

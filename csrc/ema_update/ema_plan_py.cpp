@@ -150,7 +150,7 @@ PyObject* ema_plan_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   // the seed updates under torch.no_grad(): an EMA whose parameters require grad is written all the same
   const c10::NoGradGuard no_grad;
   for (size_t g = 0; g < plan->groups.size(); ++g)  // every check before the first write
-    plan->groups[g].plan.prepare(ema[g].ts, decay, decay_tensor, guard);
+    plan->groups[g].plan.prepare(ema[g].ts, model[g].ts, decay, decay_tensor, guard);
   check_writable(int_ema.ts, "ModelEMA.update (integer buffers)");
   for (size_t g = 0; g < plan->groups.size(); ++g) {
     Group& group = plan->groups[g];
