@@ -87,7 +87,10 @@ class Report:
 
     def write(self):
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = os.path.join(RESULTS_DIR, f"{self.device}{'-quick' if self.quick else ''}")
+        # a run of the training step alone gets its own files: it must not replace the full tables
+        alone = self.rows and all(r['bench'].startswith('train') for r in self.rows)
+        name = f"{'train_step_' if alone else ''}{self.device}{'-quick' if self.quick else ''}"
+        stem = os.path.join(RESULTS_DIR, name)
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': self.info, 'quick': self.quick, 'roofline': self.roof,
                        'roofline_runs': self.roof_runs, 'rows': self.rows},
@@ -133,7 +136,7 @@ def rerender(json_path):
     """Tables and chart again from a run's json (after a change to the report's layout; nothing is re-timed)."""
     with open(json_path) as f:
         d = json.load(f)
-    device = 'cuda' if os.path.basename(json_path).startswith('cuda') else 'cpu'
+    device = 'cuda' if 'cuda' in os.path.basename(json_path) else 'cpu'
     r = Report(device, d['quick'], d['machine'])
     r.roof, r.roof_runs, r.rows = d['roofline'], d.get('roofline_runs'), d['rows']
     r.finalize()
