@@ -89,7 +89,9 @@ class Report:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         # a run of the training step alone gets its own files: it must not replace the full tables
         alone = self.rows and all(r['bench'].startswith('train') for r in self.rows)
-        name = f"{'train_step_' if alone else ''}{self.device}{'-quick' if self.quick else ''}"
+        threads = self.info.get('threads', 1)  # a CPU run at other than 1 thread must not replace the 1-thread tables
+        name = (f"{'train_step_' if alone else ''}{self.device}{'-quick' if self.quick else ''}"
+                f"{f'-{threads}t' if self.device == 'cpu' and threads != 1 else ''}")
         stem = os.path.join(RESULTS_DIR, name)
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': self.info, 'quick': self.quick, 'roofline': self.roof,
