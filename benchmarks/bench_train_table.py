@@ -13,7 +13,9 @@ def markdown(rows):
     done = next((r for r in rows if r.get('median_ms') is not None), None)
     lines = []
     if done:
-        lines += [f"yolov5{{n,s}} from the package's yaml, {done['imgsz']} px, batch {done['batch']}, synthetic data. "
+        sizes = list(dict.fromkeys(r['model'] for r in rows))  # the sizes this run measured, in row order
+        names = f"yolov5{sizes[0]}" if len(sizes) == 1 else f"yolov5{{{','.join(sizes)}}}"
+        lines += [f"{names} from the package's yaml, {done['imgsz']} px, batch {done['batch']}, synthetic data. "
                   'Step = training part (to float / 255, forward, loss, backward, clip, optimizer step) + '
                   "torch_utils: the EMA update every step, plus the per-epoch calls (note) spread over "
                   f"{done['epoch_steps']} steps. Medians after warm-up, sides interleaved step by step.", '']
