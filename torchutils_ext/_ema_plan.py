@@ -167,6 +167,8 @@ class Layout:
 
     def _add(self, entries, box, key, kind, arg=None, size=-1):
         if self.watching:
+            if size >= 0 and entries and entries[-1][0] is box:
+                size = -1  # a container's size is compared once per run of its entries
             entries.append((box, key, size, kind, arg))
 
     def _watch_ema(self, ema):
