@@ -3,10 +3,13 @@ import json
 import os
 
 import bench_chart
+import bench_train_table
 from bench_targets import SAME_NUMERICS, evaluate
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
+TITLES = {'train': 'YOLOv5 v7.0 training step (fp32)',
+          'train-bf16': 'YOLOv5 v7.0 training step (bf16 autocast, fp32 model and EMA)',
+          'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
           'fuse': 'Conv+BN fusion, every pair of the model', 'sparsity': 'sparsity(model)',
           'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)',
           'ul-ema': "Ultralytics' ModelEMA.update vs ours (fp32, their yaml models)",
@@ -18,11 +21,11 @@ class Report:
         self.device, self.quick, self.info = device, quick, info
         self.rows, self.roof, self.roof_runs = [], None, None
 
-    def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note=''):
+    def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note='', **extra):
         """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours' | 'limit' (a bandwidth yardstick,
-        not a competitor). timing None = row not run."""
+        not a competitor). timing None = row not run. extra: a bench's own columns (the training step's)."""
         row = {'bench': bench, 'model': model, 'impl': impl, 'role': role, 'bytes': bytes_moved,
-               'launches': launches, 'check': check, 'note': note}
+               'launches': launches, 'check': check, 'note': note, **extra}
         row.update(timing or {'median_ms': None})
         self.rows.append(row)
         return row
@@ -41,7 +44,7 @@ class Report:
             limit = next((r['median_ms'] for r in group if r['role'] == 'limit'), None)
             for r in group:
                 t = r['median_ms']
-                r['vs_seed'] = seed / t if seed else None
+                r['vs_seed'] = r.get('paired_vs_seed') or (seed / t if seed else None)  # a bench's own pairing
                 r['vs_best'] = best / t if best else None
                 r['vs_peer'] = twin / t if twin else None
                 r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
@@ -72,6 +75,9 @@ class Report:
             rows = [r for r in self.rows if r['bench'] == bench]
             if not rows:
                 continue
+            if bench.startswith('train'):
+                lines += [f'## {title}', ''] + bench_train_table.markdown(rows) + ['']
+                continue
             lines += [f'## {title}', '', '| ' + ' | '.join(cols[i] for i in keep) + ' |', '|' + '---|' * len(keep)]
             for r in rows:
                 cells = _cells(r)
@@ -81,7 +87,12 @@ class Report:
 
     def write(self):
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = os.path.join(RESULTS_DIR, f"{self.device}{'-quick' if self.quick else ''}")
+        # a run of the training step alone gets its own files: it must not replace the full tables
+        alone = self.rows and all(r['bench'].startswith('train') for r in self.rows)
+        threads = self.info.get('threads', 1)  # a CPU run at other than 1 thread must not replace the 1-thread tables
+        name = (f"{'train_step_' if alone else ''}{self.device}{'-quick' if self.quick else ''}"
+                f"{f'-{threads}t' if self.device == 'cpu' and threads != 1 else ''}")
+        stem = os.path.join(RESULTS_DIR, name)
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': self.info, 'quick': self.quick, 'roofline': self.roof,
                        'roofline_runs': self.roof_runs, 'rows': self.rows},
@@ -127,7 +138,7 @@ def rerender(json_path):
     """Tables and chart again from a run's json (after a change to the report's layout; nothing is re-timed)."""
     with open(json_path) as f:
         d = json.load(f)
-    device = 'cuda' if os.path.basename(json_path).startswith('cuda') else 'cpu'
+    device = 'cuda' if 'cuda' in os.path.basename(json_path) else 'cpu'
     r = Report(device, d['quick'], d['machine'])
     r.roof, r.roof_runs, r.rows = d['roofline'], d.get('roofline_runs'), d['rows']
     r.finalize()
