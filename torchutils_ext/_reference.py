@@ -43,7 +43,7 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', guard=None) -> None:
     """
     decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
     check_ema_args(ema, model, decay, decay_tensor, mode, guard)
-    EmaGroups(ema, model).apply(list(ema), list(model), decay, decay_tensor, mode, guard)
+    EmaGroups(ema, model).apply(list(ema), list(model), decay, decay_tensor, mode, guard)  # [exact ends] always
 
 
 def nonfinite(tensors):
@@ -209,25 +209,60 @@ class EmaGroups:
         self.groups = [(idx, _Group(device, edt, mdt, _pick(idx, ema), _pick(idx, model)))
                        for (device, edt, mdt), idx in groups.items()]
 
-    def apply(self, ema, model, decay, decay_tensor, mode, guard=None):
+    def apply(self, ema, model, decay, decay_tensor, mode, guard=None, ends=True):
+        """NOTE [exact ends]: a decay of exactly 1 writes nothing (and checks nothing: the guard reports no skip),
+        one of exactly 0 copies the model (as ``copy_`` converts it), as the kernels do: the formula would turn an
+        Inf into NaN (0 * inf) and -0.0 into +0.0 there. A decay only the device knows (a device tensor, or any
+        tensor while traced) is selected for on the device, when ``ends`` says it may be 0 or 1."""
         d, omd = _decay_pair(decay, decay_tensor)
-        if guard is None:
-            self._update(ema, model, d, omd, mode)
-            return
+        host = not torch.compiler.is_compiling()
+        value = decay if decay_tensor is None else \
+            float(decay_tensor) if host and decay_tensor.device.type == 'cpu' else None  # a CPU read: no sync
         with torch.no_grad():
-            bad = nonfinite(model)
-            if guard.device.type == 'cpu' and not torch.compiler.is_compiling():  # a CPU read is no device sync
-                skip = bool(bad)
-                guard[0] = int(skip)
-                guard[1] += int(skip)
-                if not skip:
+            if value == 1.0:
+                if guard is not None:
+                    guard[0] = 0
+                return
+            if value is not None and (guard is None or (host and guard.device.type == 'cpu')):
+                if guard is not None:
+                    skip = bool(nonfinite(model))
+                    guard[0] = int(skip)
+                    guard[1] += int(skip)
+                    if skip:
+                        return
+                if value == 0.0:
+                    torch._foreach_copy_(ema, model)
+                else:
                     self._update(ema, model, d, omd, mode)
                 return
-            # on a device (or traced): no host sync; the update runs, and the old values stay where bad is true
-            before = [e.clone() for e in ema]
+            self._on_device(ema, model, d, omd, mode, guard, value, ends)
+
+    def _on_device(self, ema, model, d, omd, mode, guard, value, ends):
+        """The update with no host sync: computed, then the old values kept where the step must not write (the
+        guard found a NaN/Inf, or the decay is 1) and the model's taken where the decay is 0."""
+        bad = nonfinite(model) if guard is not None else None
+        copy = hold = None
+        if value is None and ends:
+            one = d == 1
+            copy = d == 0
+            bad = None if bad is None else bad & ~one  # a step that writes nothing skips nothing
+            hold = one if bad is None else bad | one
+        else:
+            hold = bad
+        if value == 0.0:
+            copy = True
+        before = None if hold is None else [e.clone() for e in ema]
+        if copy is True:
+            torch._foreach_copy_(ema, model)
+        else:
             self._update(ema, model, d, omd, mode)
+        if copy is not None and copy is not True:
+            for e, m in zip(ema, model):
+                e.copy_(torch.where(copy, m, e))
+        if before is not None:
             for e, b in zip(ema, before):
-                e.copy_(torch.where(bad, b, e))
+                e.copy_(torch.where(hold, b, e))
+        if guard is not None:
             guard[0].copy_(bad)
             guard[1].add_(bad.long())
 

@@ -64,12 +64,14 @@ struct EmaOp {
   typename Dev<M>::Op omd;
   O w;  // 1 - d for lerp
   bool lerp;
+  bool copy;  // [exact ends] (nonfinite.h): decay 0 writes the model's values, converted as copy_ converts them
 
   __device__ __forceinline__ EmaOp(double dd, bool lerp_)
       : d(static_cast<typename Dev<E>::Op>(dd)), omd(static_cast<typename Dev<M>::Op>(1.0 - dd)),
-        w(static_cast<O>(1.0 - dd)), lerp(lerp_) {}
+        w(static_cast<O>(1.0 - dd)), lerp(lerp_), copy(dd == 0.0) {}
 
   __device__ __forceinline__ E operator()(E e, M m) const {
+    if (copy) return Dev<E>::down(Dev<M>::up(m));
     if constexpr (kFast) {
       const O v = Dev<E>::up(e), x = static_cast<O>(Dev<M>::up(m));
       return Dev<E>::down(lerp ? ema_lerp<O>(v, x, w) : ema_yolov5<O>(v, x, static_cast<O>(d), static_cast<O>(omd)));
@@ -126,9 +128,17 @@ __device__ __forceinline__ bool chunk_nonfinite(const void* p_, int64_t n, U mas
   return hit;
 }
 
+// The decay, read on the device when it is a tensor: no host sync, and a captured graph sees its current value.
+__device__ __forceinline__ double load_decay(const void* dptr, bool d_is_double, double dval) {
+  if (dptr == nullptr) return dval;
+  return d_is_double ? *static_cast<const double*>(dptr) : static_cast<double>(*static_cast<const float*>(dptr));
+}
+
 template <int CAP>
 __global__ void __launch_bounds__(kThreads)
-nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, unsigned long long* guard) {
+nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval,
+                 unsigned long long* guard) {
+  if (load_decay(dptr, d_is_double, dval) == 1.0) return;  // [exact ends]: nothing checked, guard[0] stays 0
   const int k = entry_of_block(t.block_start, t.n);
   const int64_t start = static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk;
   const int64_t n = min(kChunk, t.numel[k] - start);
@@ -147,13 +157,11 @@ __global__ void __launch_bounds__(kThreads)
 ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval, bool lerp,
            const unsigned long long* skip) {
   if (skip != nullptr && *skip) return;  // the guard found a NaN/Inf: nothing is written
+  const double dd = load_decay(dptr, d_is_double, dval);
+  if (dd == 1.0) return;  // [exact ends]: nothing written
   const int k = entry_of_block(t.block_start, t.n);
   const int64_t start = static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk;
   const int64_t n = min(kChunk, t.numel[k] - start);
-  // decay read on the device: no host sync, and a captured graph sees the tensor's current value
-  const double dd = dptr ? (d_is_double ? *static_cast<const double*>(dptr)
-                                        : static_cast<double>(*static_cast<const float*>(dptr)))
-                         : dval;
   const EmaKind kind = static_cast<EmaKind>(t.kind[k]);
   void* e = t.ema[k];
   const void* m = t.model[k];
@@ -183,7 +191,7 @@ void launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_
   auto* g = reinterpret_cast<unsigned long long*>(guard);
   if (g != nullptr)  // every table's check before any table's update: the whole EMA or nothing
     pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
-      nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, g);
+      nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, g);
     });
   pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
     ema_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, lerp, g);
