@@ -383,6 +383,8 @@ def test_options_survive_pickle_and_deepcopy(backend):
     ({'schedule': 'warmup', 'min_decay': 1.5}, ValueError, 'min_decay'),
     ({'schedule': 'half_life', 'half_life_fraction': -1}, ValueError, 'half_life_fraction'),
     ({'schedule': 'warmup', 'warmup_gamma': '1'}, TypeError, 'warmup_gamma'),
+    ({'schedule': 'constant', 'tau': 10}, ValueError, 'tau is used'),
+    ({'schedule': 'half_life', 'decay': 0.9}, ValueError, 'decay is not used'),
     ({'update_every_n_steps': 0}, ValueError, 'update_every_n_steps'),
     ({'update_every_n_steps': 2.0}, ValueError, 'update_every_n_steps'),
     ({'update_after_step': -1}, ValueError, 'update_after_step'),
