@@ -221,6 +221,10 @@ def make_schedule(name, decay, tau, min_decay, warmup_gamma, warmup_power, half_
         if k not in used and given[k] != default:
             raise ValueError(f"{k} is not used by schedule={name!r}; it belongs to schedule="
                              f"{'warmup' if k in WARMUP_DEFAULTS else 'half_life'!r}")
+    if name != 'ramp' and tau != 2000:
+        raise ValueError(f"tau is used by schedule='ramp' only, not {name!r}")
+    if name == 'half_life' and decay != 0.9999:
+        raise ValueError("decay is not used by schedule='half_life' (torchtitan's formula has no cap)")
     if name == 'ramp':
         return SeedRamp(decay, tau)
     if name == 'constant':

@@ -145,7 +145,8 @@ class ModelEMA:
 
     @property
     def schedule(self) -> str:
-        return {SeedRamp: 'ramp', Warmup: 'warmup', Constant: 'constant', HalfLife: 'half_life'}[type(self._schedule)]
+        return {SeedRamp: 'ramp', Warmup: 'warmup', Constant: 'constant', HalfLife: 'half_life'}.get(
+            type(self._schedule), 'custom')
 
     @property
     def update_every_n_steps(self) -> int:
