@@ -95,6 +95,9 @@ def _extensions():
             late_includes += ['-idirafter', inc]
     cxx += late_includes
     srcs += [p for p in cpp if p.endswith('_cuda.cpp')] + _sources('csrc/**/*.cu')
+    # The kernels round each product and sum once by construction (rounding intrinsics, csrc/common/rounding.h;
+    # scripts/check_sass.py proves in CI that they hold no contracted multiply-add without --fmad=false).
+    # --fmad=false stays as a second guard for any plain `a * b + c` a later change might add.
     nvcc = ['-O3', '--fmad=false', '-lineinfo', '--expt-relaxed-constexpr']
     ext = cpp_extension.CUDAExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
                                       define_macros=[('TORCHUTILS_EXT_WITH_CUDA', '1')],
@@ -107,11 +110,40 @@ def _write_build_info(info):
         f.write('# Written by setup.py at build time.\nBUILD_INFO = %r\n' % (info,))
 
 
+def _compile_in_parallel(compiler, jobs):
+    """Without ninja, setuptools compiles an extension's sources one at a time (minutes for ours): the CUDA ones
+    stay serial (torch swaps the compiler executable around each of them), the C++ ones run on `jobs` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    serial = compiler.compile
+    os.environ['TORCH_NO_COMPILER_WRAPPER'] = '1'  # torch re-wraps the executable per source: keep that a no-op
+
+    def compile(sources, *args, **kwargs):
+        cuda = [s for s in sources if s.endswith('.cu')]
+        parts = [p for p in ([s for s in sources if s not in cuda][i::jobs] for i in range(jobs)) if p]
+        objects = serial(cuda, *args, **kwargs) if cuda else []
+        with ThreadPoolExecutor(jobs) as pool:
+            for done in pool.map(lambda part: serial(part, *args, **kwargs), parts):
+                objects += done
+        return objects
+    compiler.compile = compile
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class Build(BuildExtension.with_options(use_ninja=shutil.which('ninja') is not None)):
+        def build_extensions(self):
+            jobs = int(os.environ.get('MAX_JOBS') or os.cpu_count() or 1)
+            if not self.use_ninja and jobs > 1:
+                _compile_in_parallel(self.compiler, jobs)
+            super().build_extensions()
+    return Build
+
+
 exts, info = _extensions()
 cmdclass = {}
 _write_build_info(info or {'ext': False})  # a pure-torch install is told apart from a failed load
 if exts:
-    from torch.utils.cpp_extension import BuildExtension
-    cmdclass['build_ext'] = BuildExtension.with_options(use_ninja=shutil.which('ninja') is not None)
+    cmdclass['build_ext'] = _build_ext()
 
 setup(ext_modules=exts, cmdclass=cmdclass)

@@ -8,7 +8,9 @@ from bench_targets import SAME_NUMERICS, evaluate
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
           'fuse': 'Conv+BN fusion, every pair of the model', 'sparsity': 'sparsity(model)',
-          'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)'}
+          'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)',
+          'ul-ema': "Ultralytics' ModelEMA.update vs ours (fp32, their yaml models)",
+          'ul-fuse': "Ultralytics' BaseModel.fuse vs ours (enable_for_ultralytics)"}
 
 
 class Report:
@@ -98,7 +100,11 @@ class Report:
 
 
 def _model_key(m):
-    return ('nsmlx'.index(m), '') if m in ('n', 's', 'm', 'l', 'x') else (9, m)
+    if m in ('n', 's', 'm', 'l', 'x'):
+        return ('nsmlx'.index(m), '')
+    if m.startswith('yolo') and m[-1] in 'nsmlx':  # Ultralytics names: family, then size
+        return (9, m[:-1], 'nsmlx'.index(m[-1]))
+    return (9, m)
 
 
 def _fmt(v, spec):

@@ -14,6 +14,8 @@ _CPU = {
     ('ema', 'l'): [('pct_limit', '>=', 95)],
     ('fuse', 'l'): [('vs_seed', '>=', 60), ('vs_best', '>=', 1.3)],
     ('sparsity', 'l'): [('vs_seed', '>=', 6)],
+    ('ul-ema', '*'): [('vs_best', '>=', 1.2)],  # vs Ultralytics' own update, both modes, every size
+    ('ul-fuse', '*'): [('vs_best', '>=', 1.5)],  # vs their BaseModel.fuse
 }
 _CUDA = {
     ('ema', 's'): [('median_ms', '<=', 0.060), ('launches', '<=', 1)],
@@ -42,6 +44,8 @@ def targets_for(bench, model, device, impl):
     is read against our unguarded row)."""
     if not impl.startswith('ours') or (bench == 'fuse' and 'fuse_model' not in impl) or 'skip_nonfinite' in impl:
         return []
+    if bench.startswith('ul-') and 'pure torch' in impl:
+        return []  # the Ultralytics targets are for the compiled path the integration runs
     if 'pure torch' in impl:
         return _PURE if bench in SAME_NUMERICS else []
     table = _CUDA if device == 'cuda' else _CPU

@@ -1,9 +1,9 @@
 """Where the time of one ModelEMA update goes on a GPU: kernels alone (replay of a captured graph after an L2
-flush), host work alone, and the benchmark's wall metric, for yolov5s/x against cached ``torch._foreach_lerp_``;
-and the launch cost of small vs large parameter tables. Run by ``benchmarks/gpu_check.sh quick`` after the CUDA
-tests (the correctness checks live in tests/test_cuda.py).
+flush), host work alone, and the benchmark's wall metric, for yolov5s/l against cached ``torch._foreach_lerp_``;
+and the launch cost of each parameter-table tier. Run by ``benchmarks/gpu_check.sh quick`` after the CUDA tests
+(the correctness checks live in tests/), in well under its 40 s.
 
-    python benchmarks/gpu_probe.py [--models s,x]
+    python benchmarks/gpu_probe.py [--models s,l]
 """
 import argparse
 import os
@@ -19,7 +19,7 @@ from torchutils_ext import _ema_plan  # noqa: E402
 from yolo_models import build_yolov5  # noqa: E402
 
 
-def graph_us(fn, reps=50):
+def graph_us(fn, reps=30):
     """Device time of fn's kernels alone: replay of a captured graph after an L2 flush."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -41,7 +41,7 @@ def graph_us(fn, reps=50):
     return sorted(ts)[reps // 2] * 1e3
 
 
-def host_us(fn, reps=200):
+def host_us(fn, reps=100):
     ts = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -51,7 +51,7 @@ def host_us(fn, reps=200):
     return sorted(ts)[reps // 2] * 1e6
 
 
-def wall_us(fn, reps=50):
+def wall_us(fn, reps=30):
     """The benchmark's metric: events around the call on an idle GPU (host work and kernels)."""
     flush, ts = torch.empty(64 << 20, device='cuda'), []
     for _ in range(reps):
@@ -68,7 +68,7 @@ def wall_us(fn, reps=50):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--models', default='s,x')
+    ap.add_argument('--models', default='s,l')
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit('gpu_probe: no CUDA device')
@@ -98,13 +98,14 @@ def main():
               f'{host_us(lambda: torch._foreach_lerp_(fl, ml, 0.001)):.1f} us')
         print(f'  wall (bench metric): ModelEMA.update {wall_us(lambda: ema.update(model)):.1f} us, '
               f'foreach_lerp {wall_us(lambda: torch._foreach_lerp_(fl, ml, 0.001)):.1f} us')
-    for k in (64, 65, 257, 1025):  # table capacities: the parameter block each launch copies
+    for k in (64, 65, 129, 257, 513, 1025):  # table tiers: the parameter block each launch copies
         hold = lambda v: nn.ParameterList([nn.Parameter(torch.full((1,), v, device='cuda'), requires_grad=False)  # noqa: E731
                                            for _ in range(k)])
         e, m = hold(0.0), hold(1.0)
         plan = _ema_plan.make_plan(e, m, 'yolov5')
         print(f'{k} one-element pairs: plan step host {host_us(lambda: plan.step(e, m, 0.5)):.1f} us, '
               f'wall {wall_us(lambda: plan.step(e, m, 0.5)):.1f} us')
+    print('probe: done')
 
 
 if __name__ == '__main__':

@@ -4,12 +4,16 @@
 
 TORCH_LIBRARY(torchutils_ext, m) {
   // ema[i] = d * ema[i] + (1 - d) * model[i] for every i; the decay a float, or a 0-d float32/float64 tensor
-  // read on the device (no host sync, and a captured graph sees its current value). NOTE: the mode is named
+  // read on the device (no host sync, and a captured graph sees its current value; see [decay tensor] in
+  // ema_update/ema_args.h for the values it may hold). NOTE: the mode is named
   // ema_mode here because torch's functionalization wrapper (torch.compile) takes a keyword named `mode`.
   // guard (int64, 2 elements): skip the whole update when a model value is NaN/Inf, counting it (nonfinite.h).
-  m.def("ema_update_.Scalar(Tensor(a!)[] ema, Tensor[] model, float decay, str ema_mode=\"yolov5\", "
-        "Tensor(b!)? guard=None) -> ()");
+  // NOTE: .Tensor is defined first. Called through the packet (torch.ops.torchutils_ext.ema_update_(...)), torch
+  // tries the overloads in this order, and a `float` parameter accepts a 1-element tensor through .item(): with
+  // .Scalar first a decay tensor would be read on the host (a device sync, and an invalidated graph capture).
   m.def("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay, str ema_mode=\"yolov5\", "
+        "Tensor(b!)? guard=None) -> ()");
+  m.def("ema_update_.Scalar(Tensor(a!)[] ema, Tensor[] model, float decay, str ema_mode=\"yolov5\", "
         "Tensor(b!)? guard=None) -> ()");
   // Elements equal to zero over all tensors, as a 0-d int64 tensor on their device.
   m.def("count_zeros(Tensor[] tensors) -> Tensor");

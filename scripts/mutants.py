@@ -78,6 +78,12 @@ MUTANTS = [
      '        if True:\n            return torch.zeros((), dtype=torch.bool)', GUARD),
     ('capturable ramp from updates, not updates + 1', 'torchutils_ext/ema.py', '(count + 1).clamp_(',
      '(count).clamp_(', GUARD),
+    ('decay tensor: one sharing memory with the EMA is not refused', 'torchutils_ext/_validate.py',
+     '        if s is not None and s[0] < span[1] and span[0] < s[1] and _share_memory(decay_tensor, span, t, s):',
+     '        if False:', ('test_ops_ema.py',)),
+    ('decay tensor: an invalid value read on the device is applied', 'torchutils_ext/_reference.py',
+     '                invalid = ~decay_is_valid(decay_tensor).to(device)',
+     '                invalid = torch.zeros((), dtype=torch.bool, device=device)', ('test_ops_ema.py',)),
     ('sparsity divides by the parameter count, not the element count', 'torchutils_ext/sparsity.py',
      'return _zeros(params) / sum(p.numel() for p in params)', 'return _zeros(params) / len(params)', COUNT),
     # ModelEMA's constructor contract

@@ -19,4 +19,4 @@ def need(module):
         why = f'{module} not importable: {type(e).__name__}: {e}'
         if REQUIRED:
             pytest.fail(f'TORCHUTILS_EXT_REAL_MODELS=1 but {why}')
-        pytest.skip(why)
+        pytest.skip(why, allow_module_level=True)  # also from a module's top level

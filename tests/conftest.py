@@ -8,6 +8,7 @@ torch.set_num_threads(1)  # this 2-vCPU machine stalls under 2 busy threads
 
 BACKENDS = ['torch', 'ext']
 CUDA = torch.cuda.is_available()
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -19,9 +20,22 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Run a test on the CPU and on CUDA (as torchvision's cpu_and_cuda()): the CUDA case skips without a GPU, and
+    with the compiled backend where the CUDA kernels were not built."""
+    if request.param == 'cuda':
+        if not CUDA:
+            pytest.skip('needs a CUDA GPU')
+        if 'backend' in request.fixturenames and request.getfixturevalue('backend') == 'ext' \
+                and not _ops._has_kernel('ema_update_', 'cuda'):
+            pytest.skip('CUDA kernels not built')
+    return torch.device(request.param)
+
+
 def same_layout_clone(t):
     """A copy with the same strides (a plain clone() of a strided view is compacted)."""
-    base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+    base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
     return base.copy_(t)
 
 

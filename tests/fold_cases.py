@@ -17,7 +17,7 @@ CONVS = {
 }
 
 
-def _fold_inputs(case):
+def _fold_inputs(case, device='cpu'):
     nd, transposed, groups, cin, cout, kernel, bias, affine, dtype, layout, seed = case
     torch.manual_seed(seed)
     if nd == 0:
@@ -32,12 +32,12 @@ def _fold_inputs(case):
         if affine:
             bn.weight.normal_()
             bn.bias.normal_()
-    w = layer.weight.detach().to(dtype)
+    w = layer.weight.detach().to(device=device, dtype=dtype)
     if layout == 'channels_last' and w.dim() == 4:
         w = w.contiguous(memory_format=torch.channels_last)
     elif layout == 'strided':
         w = _same_layout_clone_strided(w)
-    vec = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
+    vec = lambda t: None if t is None else t.detach().to(device=device, dtype=dtype)  # noqa: E731
     args = ([w], [vec(layer.bias)], [vec(bn.weight)], [vec(bn.bias)], [vec(bn.running_mean)],
             [vec(bn.running_var)], [bn.eps], [groups if transposed else 0])
     return args, transposed, groups
@@ -45,7 +45,7 @@ def _fold_inputs(case):
 
 def _same_layout_clone_strided(w):
     """w's values in a non-dense view (every other element of the last dim of a wider buffer)."""
-    wide = torch.zeros(*w.shape[:-1], 2 * w.shape[-1], dtype=w.dtype)
+    wide = torch.zeros(*w.shape[:-1], 2 * w.shape[-1], dtype=w.dtype, device=w.device)
     view = wide[..., ::2]
     view.copy_(w)
     return view
@@ -68,14 +68,14 @@ def _f64_fold(args, transposed, groups):
 FOLD_RTOL = {F32: 1e-6, F64: 1e-14, F16: 2 ** -10, BF16: 2 ** -7}
 
 
-def check_fold_case(case, inplace):
+def check_fold_case(case, inplace, device='cpu'):
     """The fold of one layer on both backends against float64; the backends agree bit for bit, except fp64
     (torch's double sqrt on the CPU is not correctly rounded): at most one ulp apart there."""
-    args, transposed, groups = _fold_inputs(case)
+    args, transposed, groups = _fold_inputs(case, device)
     dtype = args[0][0].dtype
     ref_w, ref_b = _f64_fold(args, transposed, groups)
     results = {}
-    for backend in ('torch', 'ext') if _ops.COMPILED else ('torch',):
+    for backend in ('torch', 'ext') if _ops._has_kernel('fold_conv_bn', torch.device(device).type) else ('torch',):
         w_in = [_same_layout_clone(args[0][0])]
         before = w_in[0].clone()
         with tx.use_backend(backend):

@@ -11,17 +11,18 @@ from seed_oracle import SeedEMA
 import torchutils_ext as tx
 
 
-def small_net():
+def small_net(device='cpu'):
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 5))
+                         nn.Linear(4 * 6 * 6, 5)).to(device)
 
 
 def train_steps(model, emas, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    device = next(model.parameters()).device
     for _ in range(n):
-        x = torch.randn(4, 3, 8, 8, generator=g)
+        x = torch.randn(4, 3, 8, 8, generator=g).to(device)
         loss = model(x).square().mean()
         opt.zero_grad()
         loss.backward()
@@ -35,8 +36,8 @@ def states_equal(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_bit_identical_to_seed_over_training(backend):
-    model = small_net()
+def test_bit_identical_to_seed_over_training(backend, device):
+    model = small_net(device)
     ours, seed = tx.ModelEMA(model, tau=3), SeedEMA(model, tau=3)
     train_steps(model, [ours, seed], 12)
     assert ours.updates == seed.updates == 12
@@ -45,10 +46,10 @@ def test_bit_identical_to_seed_over_training(backend):
     assert ours.decay(5) == seed.decay(5)
 
 
-def test_yolov5_model_parity(backend):
+def test_yolov5_model_parity(backend, device):
     from yolo_models import build_yolov5
     torch.manual_seed(0)
-    model = build_yolov5('n')
+    model = build_yolov5('n').to(device)
     ours, seed = tx.ModelEMA(model, tau=2), SeedEMA(model, tau=2)
     for step in range(3):
         with torch.no_grad():
@@ -59,14 +60,14 @@ def test_yolov5_model_parity(backend):
     assert states_equal(ours.ema, seed.ema)
 
 
-def test_lists_follow_model_changes(backend):
-    model = small_net()
+def test_lists_follow_model_changes(backend, device):
+    model = small_net(device)
     ema = tx.ModelEMA(model)
     ema.update(model)
     plan = ema._plan
     ema.update(model)
     assert ema._plan is plan  # cached while nothing changed
-    model.load_state_dict(small_net().state_dict())  # in-place copy: same tensors, plan stays valid
+    model.load_state_dict(small_net(device).state_dict())  # in-place copy: same tensors, plan stays valid
     ema.update(model)
     assert ema._plan is plan
     # buffers replaced (as .to()/.float() do for buffers): the plan is rebuilt and the EMA follows the new ones
@@ -79,8 +80,8 @@ def test_lists_follow_model_changes(backend):
     torch.testing.assert_close(ema.ema[1].running_mean, expected)
 
 
-def test_half_model_under_fp32_ema(backend):
-    model = small_net()
+def test_half_model_under_fp32_ema(backend, device):
+    model = small_net(device)
     ours, seed = tx.ModelEMA(model), SeedEMA(model)
     model.bfloat16()  # parameter data swapped in place, buffers replaced
     ours.update(model)
@@ -91,20 +92,20 @@ def test_half_model_under_fp32_ema(backend):
             torch.testing.assert_close(v.double(), ref, rtol=1e-6, atol=1e-7)
 
 
-def test_copy_buffers_option_and_default(backend):
-    model = small_net()
+def test_copy_buffers_option_and_default(backend, device):
+    model = small_net(device)
     default, timm_like = tx.ModelEMA(model), tx.ModelEMA(model, copy_buffers=True)
     model.train()
-    model(torch.randn(2, 3, 8, 8))  # bumps num_batches_tracked
+    model(torch.randn(2, 3, 8, 8, device=device))  # bumps num_batches_tracked
     default.update(model)
     timm_like.update(model)
     assert int(default.ema[1].num_batches_tracked) == 0  # seed leaves integer buffers
     assert int(timm_like.ema[1].num_batches_tracked) == 1
 
 
-def test_tied_weights_updated_once(backend):
+def test_tied_weights_updated_once(backend, device):
     lin = nn.Linear(4, 4)
-    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(4, 4))
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(4, 4)).to(device)
     model[2].weight = lin.weight  # tied
     ema = tx.ModelEMA(model, tau=1)
     with torch.no_grad():
@@ -116,8 +117,8 @@ def test_tied_weights_updated_once(backend):
     torch.testing.assert_close(ema.ema[0].weight.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_update_attr_and_de_parallel(backend):
-    model = small_net()
+def test_update_attr_and_de_parallel(backend, device):
+    model = small_net(device)
     ema = tx.ModelEMA(nn.DataParallel(model))
     model.names, model.stride, model._private = ['a', 'b'], 32, 1
     ema.update_attr(model, include=['names', '_private'])
@@ -126,14 +127,14 @@ def test_update_attr_and_de_parallel(backend):
     assert ema.updates == 1
 
 
-def test_bad_arguments():
-    model = small_net()
+def test_bad_arguments(device):
+    model = small_net(device)
     with pytest.raises(ValueError):
         tx.ModelEMA(model, decay=1.5)
     with pytest.raises(ValueError):
         tx.ModelEMA(model, mode='foo')
     ema = tx.ModelEMA(model)
-    other = nn.Sequential(nn.Linear(2, 2))
+    other = nn.Sequential(nn.Linear(2, 2)).to(device)
     snap = [t.clone() for t in ema.ema.state_dict().values()]
     with pytest.raises(ValueError, match='structure'):
         ema.update(other)
@@ -141,15 +142,15 @@ def test_bad_arguments():
     assert ema.updates == 0
 
 
-def test_checkpoint_resume_is_bit_exact(backend):
+def test_checkpoint_resume_is_bit_exact(backend, device):
     """10 steps == 5 steps + save (seed layout) + load + smart_resume + 5 steps."""
-    model_a = small_net()
+    model_a = small_net(device)
     ema_a, seed_a = tx.ModelEMA(model_a), SeedEMA(model_a)
     train_steps(model_a, [ema_a, seed_a], 5, seed=1)
     train_steps(model_a, [ema_a, seed_a], 5, seed=2)
     assert states_equal(ema_a.ema, seed_a.ema)  # the uninterrupted run is the seed's, bit for bit
 
-    model_b = small_net()
+    model_b = small_net(device)
     ema_b = tx.ModelEMA(model_b)
     opt = torch.optim.SGD(model_b.parameters(), lr=0.1)
     train_steps(model_b, [ema_b], 5, seed=1)
@@ -161,7 +162,7 @@ def test_checkpoint_resume_is_bit_exact(backend):
     torch.save(ckpt, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    model_c = small_net()
+    model_c = small_net(device)
     model_c.load_state_dict(model_b.state_dict())
     ema_c = tx.ModelEMA(model_c)
     opt_c = torch.optim.SGD(model_c.parameters(), lr=0.1)
@@ -171,9 +172,9 @@ def test_checkpoint_resume_is_bit_exact(backend):
     assert states_equal(ema_a.ema, ema_c.ema)
 
 
-def test_seed_checkpoint_loads_and_continues(backend):
+def test_seed_checkpoint_loads_and_continues(backend, device):
     """A checkpoint written by the seed's ModelEMA (fp16 EMA module) loads and continues."""
-    model = small_net()
+    model = small_net(device)
     seed = SeedEMA(model)
     train_steps(model, [seed], 3)
     buf = io.BytesIO()
@@ -191,9 +192,9 @@ def test_seed_checkpoint_loads_and_continues(backend):
     assert ours.updates == 4
 
 
-def test_torch_compile_training_step_matches_eager(backend):
+def test_torch_compile_training_step_matches_eager(backend, device):
     def run(compiled):
-        model = small_net()
+        model = small_net(device)
         ema, seed = tx.ModelEMA(model, tau=3), SeedEMA(model, tau=3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -208,7 +209,7 @@ def test_torch_compile_training_step_matches_eager(backend):
         f = torch.compile(step, backend='eager') if compiled else step
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
-            f(torch.randn(4, 3, 8, 8, generator=g))
+            f(torch.randn(4, 3, 8, 8, generator=g).to(device))
             seed.update(model)  # eager, outside the compiled step: the independent reference
         return ema, seed
 
@@ -219,10 +220,10 @@ def test_torch_compile_training_step_matches_eager(backend):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6, msg=k)
 
 
-def test_plan_is_rebuilt_when_tensors_change(backend):
+def test_plan_is_rebuilt_when_tensors_change(backend, device):
     """Each plan validates once; a cast of the model (same Parameter objects, new storage) makes it stale."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(device)
     ema = tx.ModelEMA(model, decay=0.5, tau=1e-9)  # decay ~0.5 from the first update
     ema.update(model)
     plan = ema._plan
@@ -237,33 +238,33 @@ def test_plan_is_rebuilt_when_tensors_change(backend):
     torch.testing.assert_close(ema.ema[0].weight, ref, rtol=1e-6, atol=1e-7)
 
 
-def test_replaced_submodule_is_tracked():
+def test_replaced_submodule_is_tracked(device):
     """`model.block = NewBlock()` leaves the old block's dicts intact, so the slot check alone would keep
     averaging the old tensors; the module-registration generation makes the plan look again."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(device)
     ema = tx.ModelEMA(model, decay=0.5, tau=1e-9)
     ema.update(model)
     before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
-    model[1] = nn.Linear(4, 2)  # same shapes, new tensors
+    model[1] = nn.Linear(4, 2).to(device)  # same shapes, new tensors
     ema.update(model)
     new_w = model[1].weight.detach()
     torch.testing.assert_close(ema.ema[1].weight, before['1.weight'] * 0.5 + 0.5 * new_w, rtol=1e-6, atol=1e-7)
-    model[1] = nn.Linear(4, 3)  # a different structure: a clear error, not a silent stale EMA
+    model[1] = nn.Linear(4, 3).to(device)  # a different structure: a clear error, not a silent stale EMA
     with pytest.raises(ValueError):
         ema.update(model)
 
 
-def test_replaced_and_removed_slots_make_the_plan_stale(backend):
+def test_replaced_and_removed_slots_make_the_plan_stale(backend, device):
     """A replaced buffer or a removed parameter makes the plan stale (both watches agree), and the rebuilt plan
     follows; a removed entry the EMA still has is a structure error."""
     from test_ema_watch import both_watches
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(device)
     ema = tx.ModelEMA(model)
     ema.update(model)
     plan = ema._plan
     assert both_watches(plan, ema.ema, model)[1]
-    model[1].running_mean = torch.zeros(4)  # a new buffer tensor in the same slot
+    model[1].running_mean = torch.zeros(4, device=device)  # a new buffer tensor in the same slot
     assert both_watches(plan, ema.ema, model)[1] is False and not plan.step(ema.ema, model, 0.5)
     assert both_watches(plan, ema.ema, model)[0] in (None, False)
     ema.update(model)
@@ -275,10 +276,10 @@ def test_replaced_and_removed_slots_make_the_plan_stale(backend):
         ema.update(model)
 
 
-def test_deepcopy_after_updates_is_independent(backend):
+def test_deepcopy_after_updates_is_independent(backend, device):
     """A ModelEMA that holds a built plan (a C++ handle on the compiled path) deep-copies: the copy drops the
     plan, rebuilds its own on the copied EMA, and the two then advance independently, each like the seed."""
-    model = small_net()
+    model = small_net(device)
     ours, seed = tx.ModelEMA(model, tau=3), SeedEMA(model, tau=3)
     train_steps(model, [ours, seed], 3)
     twin = copy.deepcopy(ours)

@@ -306,10 +306,10 @@ def test_capturable_refuses_a_replaced_decay(backend):
 
 
 def test_ramp_past_the_table_limit_uses_the_formula(monkeypatch, backend):
-    """A schedule that has not settled within TABLE_LIMIT entries keeps them; past them the device formula serves
-    (the device's exp may differ from the host's in the last bit)."""
+    """A schedule that has not settled within its table's limit keeps that many entries; past them the device
+    formula serves (the device's exp may differ from the host's in the last bit)."""
     from torchutils_ext import _ema_schedule
-    monkeypatch.setattr(_ema_schedule, 'TABLE_LIMIT', 10)
+    monkeypatch.setattr(_ema_schedule, 'RAMP_TABLE_LIMIT', 10)
     _ema_schedule.host_values.cache_clear()
     try:
         model = nn.Linear(3, 1)

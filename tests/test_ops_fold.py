@@ -47,18 +47,18 @@ LAYERS = {
 }
 
 
-def build(name, seed=0, affine=True):
+def build(name, seed=0, affine=True, device='cpu'):
     torch.manual_seed(seed)
     make, bn_cls, shape = LAYERS[name]
     layer = make().eval()
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    return layer, randomize_bn(bn_cls(out, affine=affine), seed + 1), torch.randn(shape)
+    return layer.to(device), randomize_bn(bn_cls(out, affine=affine), seed + 1).to(device), torch.randn(shape).to(device)
 
 
 @pytest.mark.parametrize('name', list(LAYERS))
 @pytest.mark.parametrize('affine', [True, False])
-def test_fuse_conv_and_bn_matches_float64(backend, name, affine):
-    layer, bn, x = build(name, affine=affine)
+def test_fuse_conv_and_bn_matches_float64(backend, device, name, affine):
+    layer, bn, x = build(name, affine=affine, device=device)
     fused = tx.fuse_conv_and_bn(layer, bn)
     assert type(fused) is type(layer)
     assert fused.bias is not None and not fused.weight.requires_grad and not fused.bias.requires_grad
@@ -71,8 +71,8 @@ def test_fuse_conv_and_bn_matches_float64(backend, name, affine):
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
-def test_fuse_keeps_dtype(backend, dtype, tol):
-    layer, bn, x = build('conv2d_dilation')
+def test_fuse_keeps_dtype(backend, device, dtype, tol):
+    layer, bn, x = build('conv2d_dilation', device=device)
     ref = f64_reference(copy.deepcopy(layer), copy.deepcopy(bn), x)
     fused = tx.fuse_conv_and_bn(layer.to(dtype), bn.to(dtype))
     assert fused.weight.dtype == dtype and fused.bias.dtype == dtype
@@ -84,8 +84,8 @@ def test_fuse_keeps_dtype(backend, dtype, tol):
         torch.testing.assert_close(fused(x.double()), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_channels_last_weight_keeps_memory_format(backend):
-    layer, bn, x = build('conv2d')
+def test_channels_last_weight_keeps_memory_format(backend, device):
+    layer, bn, x = build('conv2d', device=device)
     layer = layer.to(memory_format=torch.channels_last)
     ref = f64_reference(copy.deepcopy(layer), copy.deepcopy(bn), x)
     fused = tx.fuse_conv_and_bn(layer, bn)
@@ -93,8 +93,8 @@ def test_channels_last_weight_keeps_memory_format(backend):
     torch.testing.assert_close(fused(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_op_in_place_equals_functional(backend):
-    layers = [build(n, seed=i) for i, n in enumerate(['conv2d', 'convT2d_groups', 'linear', 'depthwise'])]
+def test_fold_op_in_place_equals_functional(backend, device):
+    layers = [build(n, seed=i, device=device) for i, n in enumerate(['conv2d', 'convT2d_groups', 'linear', 'depthwise'])]
     args = lambda: [[l.weight.detach().clone() for l, _, _ in layers], [l.bias for l, _, _ in layers],  # noqa
                     [b.weight for _, b, _ in layers], [b.bias for _, b, _ in layers],
                     [b.running_mean for _, b, _ in layers], [b.running_var for _, b, _ in layers],
@@ -109,11 +109,11 @@ def test_fold_op_in_place_equals_functional(backend):
     assert all(torch.equal(x, y) for x, y in zip(b1, b2))
 
 
-def test_backends_agree_bitwise():
-    if not _ops.COMPILED:
+def test_backends_agree_bitwise(device):
+    if not (_ops.COMPILED and _ops._has_kernel('fold_conv_bn', device.type)):
         pytest.skip('compiled ops not built')
     for name in LAYERS:
-        layer, bn, _ = build(name)
+        layer, bn, _ = build(name, device=device)
         with tx.use_backend('ext'):
             a = tx.fuse_conv_and_bn(layer, bn)
         with tx.use_backend('torch'):
@@ -121,7 +121,7 @@ def test_backends_agree_bitwise():
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias), name
 
 
-def test_fuse_model_on_yolov5n(backend):
+def test_fuse_model_on_yolov5n(backend, device):
     from yolo_models import build_yolov5
     torch.manual_seed(0)
     model = build_yolov5('n').eval()
@@ -132,17 +132,18 @@ def test_fuse_model_on_yolov5n(backend):
     ref_model = copy.deepcopy(model).double()
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert n_bn > 50
+    model.to(device)
     assert tx.fuse_model(model) is model
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 0
     with torch.no_grad():
-        out, ref = model(x), ref_model(x.double())
+        out, ref = model(x.to(device)), ref_model(x.double())
     outs = out if isinstance(out, (list, tuple)) else [out]
     refs = ref if isinstance(ref, (list, tuple)) else [ref]
     for o, r in zip(outs, refs):
-        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(o.double().cpu(), r, rtol=1e-4, atol=1e-4)
 
 
-def test_fuse_model_sequential_and_plain_block(backend):
+def test_fuse_model_sequential_and_plain_block(backend, device):
     torch.manual_seed(0)
 
     class Block(nn.Module):  # .conv/.bn without forward_fuse: bn becomes Identity
@@ -160,13 +161,13 @@ def test_fuse_model_sequential_and_plain_block(backend):
             randomize_bn(m, i)
     x = torch.randn(2, 3, 8, 8)
     ref = copy.deepcopy(model).double()(x.double())
-    tx.fuse_model(model)
+    tx.fuse_model(model.to(device))
     assert isinstance(model[1], nn.Identity) and isinstance(model[3].bn, nn.Identity)
     assert isinstance(model[4][2], nn.BatchNorm1d)  # Linear->BN1d: left (the input rank is unknown)
-    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x.to(device)).double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fuse_conv_and_bn_new_layer_is_a_fresh_module_of_the_same_kind(backend):
+def test_fuse_conv_and_bn_new_layer_is_a_fresh_module_of_the_same_kind(backend, device):
     """The fused layer of a torch class is built without __init__: it must still equal a freshly constructed
     layer (same hyperparameters and repr, no hooks or extra state carried over, no list shared with the
     original), and a subclass must still go through its own __init__."""
@@ -181,7 +182,7 @@ def test_fuse_conv_and_bn_new_layer_is_a_fresh_module_of_the_same_kind(backend):
     for layer in cases:
         layer.register_forward_hook(lambda *a: None)
         bn = randomize_bn(nn.BatchNorm1d(6) if isinstance(layer, (nn.Linear, nn.Conv1d)) else nn.BatchNorm2d(6), 3)
-        fused = tx.fuse_conv_and_bn(layer.eval(), bn)
+        fused = tx.fuse_conv_and_bn(layer.eval().to(device), bn.to(device))
         assert type(fused) is type(layer) and repr(fused) == repr(layer).replace('bias=False', 'bias=True')
         assert not fused._forward_hooks and fused.weight is not layer.weight and not fused.weight.requires_grad
         if isinstance(layer, nn.Conv1d):
@@ -189,7 +190,7 @@ def test_fuse_conv_and_bn_new_layer_is_a_fresh_module_of_the_same_kind(backend):
             assert fused._reversed_padding_repeated_twice is not layer._reversed_padding_repeated_twice
         assert getattr(fused, 'tag', None) == getattr(layer, 'tag', None)
         shape = (2, 4, 9) if isinstance(layer, nn.Conv1d) else (2, 4) if isinstance(layer, nn.Linear) else (2, 4, 7, 7)
-        x = torch.randn(shape)
+        x = torch.randn(shape, device=device)
         torch.testing.assert_close(fused(x).double(), f64_reference(layer, bn, x), rtol=1e-5, atol=1e-5)
 
 
@@ -205,7 +206,7 @@ class FuseBlock(nn.Module):  # the YOLOv5 Conv convention: .conv, .bn and a forw
         return self.conv(x)
 
 
-def test_fuse_model_shared_block_hooks_and_setattr_overrides(backend):
+def test_fuse_model_shared_block_hooks_and_setattr_overrides(backend, device):
     """fuse_model's dict-store shortcuts must not change what Module.__setattr__ would do: a global parameter
     registration hook still sees each new bias, a class overriding __setattr__ still gets its calls, and a
     block reachable twice is folded once."""
@@ -224,6 +225,7 @@ def test_fuse_model_shared_block_hooks_and_setattr_overrides(backend):
             randomize_bn(m, i)
     x = torch.randn(2, 4, 6, 6)
     ref = copy.deepcopy(model).double()(x.double())
+    model.to(device)
     seen = []
     handle = nn.modules.module.register_module_parameter_registration_hook(lambda m, n, p: seen.append((m, n)))
     try:
@@ -234,10 +236,10 @@ def test_fuse_model_shared_block_hooks_and_setattr_overrides(backend):
     biases = [(m, n) for m, n in seen if n == 'bias']
     assert len(biases) == 3 and {id(m) for m, _ in biases} == {id(model[i].conv) for i in (0, 1, 3)}
     assert all(not hasattr(b, 'bn') and b.forward == b.forward_fuse for b in model)
-    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x.to(device)).double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fuse_model_leaves_parametrized_layers_alone_and_stays_exact(backend):
+def test_fuse_model_leaves_parametrized_layers_alone_and_stays_exact(backend, device):
     """A weight_norm conv computes its weight on each access: fuse_model must not fold into that temporary
     and drop the BN (the model's output would change); it leaves the pair, and folds the plain one beside it.
     fuse_conv_and_bn (a new layer) folds the computed weight correctly."""
@@ -249,7 +251,8 @@ def test_fuse_model_leaves_parametrized_layers_alone_and_stays_exact(backend):
     for i, m in enumerate(model.modules()):
         if isinstance(m, nn.BatchNorm2d):
             randomize_bn(m, i)
-    x = torch.randn(2, 4, 6, 6)
+    model.to(device)
+    x = torch.randn(2, 4, 6, 6, device=device)
     with torch.no_grad():
         ref = model(x)
         fused = tx.fuse_conv_and_bn(normed.conv, normed.bn)
@@ -259,12 +262,12 @@ def test_fuse_model_leaves_parametrized_layers_alone_and_stays_exact(backend):
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_bad_input_raises_and_leaves_untouched(backend):
-    layer, bn, _ = build('conv2d')
+def test_fold_bad_input_raises_and_leaves_untouched(backend, device):
+    layer, bn, _ = build('conv2d', device=device)
     with pytest.raises(ValueError, match='channels'):
-        tx.fuse_conv_and_bn(layer, nn.BatchNorm2d(7).eval())
+        tx.fuse_conv_and_bn(layer, nn.BatchNorm2d(7).eval().to(device))
     with pytest.raises(ValueError, match='running'):
-        tx.fuse_conv_and_bn(layer, nn.BatchNorm2d(12, track_running_stats=False))
+        tx.fuse_conv_and_bn(layer, nn.BatchNorm2d(12, track_running_stats=False).to(device))
     with pytest.raises(TypeError):
         tx.fuse_conv_and_bn(nn.ReLU(), bn)
     w = [layer.weight.detach().clone(), layer.weight.detach().clone()]
@@ -298,16 +301,17 @@ def test_fold_bad_input_raises_and_leaves_untouched(backend):
     assert_untouched(before, w)
 
 
-def test_opcheck_fold():
-    if not _ops.COMPILED:
+def test_opcheck_fold(device):
+    if not (_ops.COMPILED and _ops._has_kernel('fold_conv_bn', device.type)):
         pytest.skip('compiled ops not built')
-    layers = [build('conv2d'), build('convT2d_groups', 3), build('linear', 5, affine=False)]
+    layers = [build('conv2d', device=device), build('convT2d_groups', 3, device=device),
+              build('linear', 5, affine=False, device=device)]
     args = ([l.weight.detach().clone() for l, _, _ in layers], [l.bias.detach() for l, _, _ in layers],
             [b.weight for _, b, _ in layers], [b.bias for _, b, _ in layers],
             [b.running_mean for _, b, _ in layers], [b.running_var for _, b, _ in layers],
             [b.eps for _, b, _ in layers], [0, 4, 0])
     torch.library.opcheck(torch.ops.torchutils_ext.fold_conv_bn.default, args)
-    bias_out = [torch.empty(12), torch.empty(12), torch.empty(7)]
+    bias_out = [torch.empty(12, device=device), torch.empty(12, device=device), torch.empty(7, device=device)]
     torch.library.opcheck(torch.ops.torchutils_ext.fold_conv_bn_.default, (args[0], bias_out, *args[1:]))
 
 
@@ -324,5 +328,5 @@ LOW_CASES = [(nd, tr, g, 2 * g, 3 * g, 2, bias, affine, dt, layout, 11 * nd + g)
 @pytest.mark.parametrize('case', FP64_SEEDS + LOW_CASES, ids=lambda c: f'{c[8]}-nd{c[0]}-t{int(c[1])}-g{c[2]}-s{c[10]}'
                          f'-{c[9]}-b{int(c[6])}a{int(c[7])}'.replace('torch.', ''))
 @pytest.mark.parametrize('inplace', [False, True])
-def test_fold_fixed_cases_against_float64(case, inplace):
-    check_fold_case(case, inplace)
+def test_fold_fixed_cases_against_float64(device, case, inplace):
+    check_fold_case(case, inplace, device)

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from model_checks import flatten_outputs, rel_err
+from model_checks import flatten_outputs, randomize_model_bn, rel_err
 from client_packages import need as _need
 
 import torchutils_ext as tx
@@ -22,31 +22,16 @@ TIMM_MODELS = ['resnet18', 'efficientnet_b0']
 STEPS = 10
 
 
-def _randomize_bn(model, seed=0):
-    """Non-trivial BN statistics and affine terms, so that folding changes the weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return model
-
-
 def _ultralytics_model(yaml):
     tasks = _need('ultralytics.nn.tasks')
     torch.manual_seed(0)
-    return _randomize_bn(tasks.DetectionModel(yaml, verbose=False)).eval()
+    return randomize_model_bn(tasks.DetectionModel(yaml, verbose=False)).eval()
 
 
 def _timm_model(name):
     timm = _need('timm')
     torch.manual_seed(0)
-    return _randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    return randomize_model_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
 
 
 def _check_fuse(model, x, expect_bn_left=None):

@@ -180,6 +180,8 @@ class Layout:
 
     def _add(self, entries, box, key, kind, arg=None, size=-1):
         if self.watching:
+            if size >= 0 and entries and entries[-1][0] is box:
+                size = -1  # a container's size is compared once per run of its entries
             entries.append((box, key, size, kind, arg))
 
     def _watch_ema(self, ema):
@@ -347,9 +349,9 @@ def _as_list(got):
 
 def copy_entries(es, ms, decay, guard):
     """The copied entries (copy_buffers' integer buffers, buffers='copy'), after the average of the same step. A
-    step that averaged nothing leaves them too: one with decay exactly 1 (update_every_n_steps) or skipped by the
-    guard (guard[0] == 1), decided on the device where only the device knows (the twin of copy_entries in
-    csrc/ema_update/ema_plan.cpp)."""
+    step that averaged nothing leaves them too: one with decay exactly 1 (update_every_n_steps), a device decay
+    outside [0, 1] ([decay tensor]), or one skipped by the guard (guard[0] == 1), decided on the device where only
+    the device knows (the twin of copy_entries in csrc/ema_update/ema_plan.cpp)."""
     es, ms = [local(e) for e in es], [local(m) for m in ms]
     host = not torch.compiler.is_compiling()
     hold = None  # a 0-d bool on the device: leave them this step
@@ -358,7 +360,7 @@ def copy_entries(es, ms, decay, guard):
             if float(decay) == 1.0:  # a CPU read: no device sync
                 return
         else:
-            hold = decay == 1
+            hold = ~((decay >= 0) & (decay < 1))  # 1, NaN or out of range: nothing averaged
     elif decay == 1.0:
         return
     if guard is not None:
@@ -412,8 +414,8 @@ class TorchPlan(FreshListsPlan):
         decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
         copies = self.copies(now)
         lists = [(_as_list(get_e(now)), _as_list(get_m(now))) for get_e, get_m in self.lists]
-        for es, _ in lists:
-            check_decay(decay, decay_tensor, es[0].device)
+        for es, ms in lists:
+            check_decay(decay, decay_tensor, es[0].device, (*es, *ms, guard))
             check_guard(guard, es[0].device)
         with torch.no_grad():
             for batch, (es, ms) in zip(self.batches, lists):

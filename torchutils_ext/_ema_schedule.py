@@ -16,8 +16,10 @@ import numbers
 
 import torch
 
-# Most entries a decay table holds (8 MB of float64). The seed's ramp with the default tau settles after ~75,000.
+# Most entries a decay table holds: 8 MB of float64, timm's default warm-up settles after ~10^6; the seed's ramp
+# settles after ~37 * tau (~75,000 with the default tau), so its own limit keeps it exact up to tau ~110,000.
 TABLE_LIMIT = 1 << 20
+RAMP_TABLE_LIMIT = 1 << 22
 
 
 class Schedule:
@@ -124,10 +126,10 @@ SCHEDULES = ('ramp', 'warmup', 'constant', 'half_life')
 @functools.lru_cache(maxsize=16)
 def host_values(schedule: Schedule):
     """``schedule(x)`` for x = 0, 1, ... as the host computes it, up to the first value equal to its cap (every
-    later one is the cap too: each schedule only rises towards it) or TABLE_LIMIT entries. Returns (values,
-    settled)."""
+    later one is the cap too: each schedule only rises towards it) or TABLE_LIMIT entries (RAMP_TABLE_LIMIT for
+    the seed's ramp). Returns (values, settled)."""
     out, cap = [], schedule.cap
-    for x in range(TABLE_LIMIT):
+    for x in range(RAMP_TABLE_LIMIT if type(schedule) is SeedRamp else TABLE_LIMIT):
         out.append(schedule(x))
         if out[-1] == cap:
             return out, True

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace
+from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -215,48 +215,49 @@ class EmaGroups:
         Inf into NaN (0 * inf) and -0.0 into +0.0 there. A decay only the device knows (a device tensor, or any
         tensor while traced) is selected for on the device, when ``ends`` says it may be 0 or 1."""
         d, omd = _decay_pair(decay, decay_tensor)
-        host = not torch.compiler.is_compiling()
-        value = decay if decay_tensor is None else \
-            float(decay_tensor) if host and decay_tensor.device.type == 'cpu' else None  # a CPU read: no sync
+        # a decay tensor whose value was not checked on the host (on a device, or traced): [decay tensor]
+        unread = decay_tensor is not None and (decay_tensor.device.type != 'cpu' or torch.compiler.is_compiling())
+        value = None if unread else decay if decay_tensor is None else float(decay_tensor)  # a CPU read: no sync
         with torch.no_grad():
             if value == 1.0:
                 if guard is not None:
                     guard[0] = 0
                 return
-            if value is not None and (guard is None or (host and guard.device.type == 'cpu')):
-                if guard is not None:
-                    skip = bool(nonfinite(model))
-                    guard[0] = int(skip)
-                    guard[1] += int(skip)
-                    if skip:
-                        return
-                if value == 0.0:
-                    torch._foreach_copy_(ema, model)
-                else:
-                    self._update(ema, model, d, omd, mode)
+            if guard is None and not unread:
+                self._write(ema, model, d, omd, mode, value)
                 return
-            self._on_device(ema, model, d, omd, mode, guard, value, ends)
+            device = ema[0].device if ema else (guard if guard is not None else decay_tensor).device
+            bad = nonfinite(model).to(device) if guard is not None else None
+            if unread:
+                invalid = ~decay_is_valid(decay_tensor).to(device)
+                bad = invalid if bad is None else bad | invalid
+            elif guard.device.type == 'cpu' and not torch.compiler.is_compiling():
+                skip = bool(bad)  # a CPU read is no device sync
+                guard[0] = int(skip)
+                guard[1] += int(skip)
+                if not skip:
+                    self._write(ema, model, d, omd, mode, value)
+                return
+            self._on_device(ema, model, d, omd, mode, guard, bad, value, ends and unread, device)
 
-    def _on_device(self, ema, model, d, omd, mode, guard, value, ends):
-        """The update with no host sync: computed, then the old values kept where the step must not write (the
-        guard found a NaN/Inf, or the decay is 1) and the model's taken where the decay is 0."""
-        bad = nonfinite(model) if guard is not None else None
-        copy = hold = None
-        if value is None and ends:
-            one = d == 1
-            copy = d == 0
-            bad = None if bad is None else bad & ~one  # a step that writes nothing skips nothing
-            hold = one if bad is None else bad | one
-        else:
-            hold = bad
+    def _write(self, ema, model, d, omd, mode, value):
         if value == 0.0:
-            copy = True
-        before = None if hold is None else [e.clone() for e in ema]
-        if copy is True:
             torch._foreach_copy_(ema, model)
         else:
             self._update(ema, model, d, omd, mode)
-        if copy is not None and copy is not True:
+
+    def _on_device(self, ema, model, d, omd, mode, guard, bad, value, ends, device):
+        """The update with no host sync: computed, then the old values kept where the step must not write (``bad``:
+        the guard found a NaN/Inf or the decay is invalid; or the decay is 1) and the model's taken where the decay
+        is 0. ``ends``: the decay is a device value that may be 0 or 1."""
+        copy, hold = None, bad
+        if ends:
+            one, copy = (d == 1).to(device), (d == 0).to(device)
+            bad = None if bad is None else bad & ~one  # a step that writes nothing skips nothing
+            hold = one if bad is None else bad | one
+        before = None if hold is None else [e.clone() for e in ema]
+        self._write(ema, model, d, omd, mode, value)
+        if copy is not None:
             for e, m in zip(ema, model):
                 e.copy_(torch.where(copy, m, e))
         if before is not None:

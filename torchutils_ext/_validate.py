@@ -100,8 +100,10 @@ def check_mode(mode):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def check_decay(decay, decay_tensor=None, device=None):
-    """A float in [0, 1], or (decay_tensor) a 0-d float32/float64 tensor on ``device`` or the CPU."""
+def check_decay(decay, decay_tensor=None, device=None, tensors=()):
+    """A float in [0, 1], or (decay_tensor) a 0-d float32/float64 tensor on ``device`` or the CPU that shares no
+    memory with ``tensors`` (the EMA and model tensors, the guard). A CPU decay tensor's value is checked like a
+    float (a host read); a device one's cannot be without a sync: see ``decay_is_valid``."""
     if decay_tensor is None:
         if not isinstance(decay, (int, float)) or isinstance(decay, bool):
             raise TypeError(f'decay must be a float, got {type(decay).__name__}')
@@ -114,6 +116,25 @@ def check_decay(decay, decay_tensor=None, device=None):
         raise TypeError(f'decay tensor must be float32 or float64, got {decay_tensor.dtype}')
     if device is not None and decay_tensor.device != device and decay_tensor.device.type != 'cpu':
         raise ValueError(f'decay tensor is on {decay_tensor.device}, the tensors on {device}')
+    if decay_tensor.device.type == 'meta' or torch.compiler.is_compiling():  # no memory, no value to read
+        return
+    if decay_tensor.device.type == 'cpu':
+        value = float(decay_tensor)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f'decay must be a finite number in [0, 1], got {value} (a CPU decay tensor)')
+    span = _span(decay_tensor)
+    for t in tensors:
+        s = _span(t) if t is not None and t.device == decay_tensor.device else None
+        if s is not None and s[0] < span[1] and span[0] < s[1] and _share_memory(decay_tensor, span, t, s):
+            raise ValueError('the decay tensor shares memory with an EMA or model tensor or the guard; it must '
+                             'own its memory (the update reads it while it writes the EMA)')
+
+
+def decay_is_valid(decay_tensor):
+    """A 0-d bool tensor on the decay's device: whether its value is a number in [0, 1] (False for NaN). Where
+    the value cannot be read without a sync (a device, or traced), an invalid one writes nothing, and a guard
+    counts the step as skipped, as the kernels do (see [decay tensor] in csrc/ema_update/ema_args.h)."""
+    return (decay_tensor >= 0) & (decay_tensor <= 1)
 
 
 def check_guard(guard, device=None):
@@ -134,8 +155,8 @@ def check_ema_args(ema, model, decay, decay_tensor, mode, guard=None):
     if len(ema) != len(model):
         raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
     check_mode(mode)
-    check_decay(decay, decay_tensor, ema[0].device if ema else None)
     check_guard(guard, ema[0].device if ema else None)
+    check_decay(decay, decay_tensor, ema[0].device if ema else None, (*ema, *model, guard))
     for i, (e, m) in enumerate(zip(ema, model)):
         if e.dtype not in EMA_DTYPES:
             raise TypeError(f'ema[{i}] has dtype {e.dtype}; EMA tensors must be float32/float16/bfloat16/float64')

@@ -37,7 +37,6 @@ def _copy_model(model):
         raise
 
 
-
 def _state_device(module):
     """The device of the module's first floating parameter or buffer (the CPU when it has none)."""
     for t in (*module.parameters(), *module.buffers()):
@@ -46,10 +45,23 @@ def _state_device(module):
     return torch.device('cpu')
 
 
+def _static(t):
+    """A state tensor each update mutates in place, at one address for its life: marked for torch.compile, whose
+    CUDA graphs (mode='reduce-overhead') otherwise skip a graph that mutates an input that is neither a parameter
+    nor a buffer."""
+    torch._dynamo.mark_static_address(t, guard=False)
+    return t
+
+
 def _counter(updates, device):
     """The capturable update counter: float64 (float32 on MPS), one element. NOTE: 1-d, not 0-d: torch 2.13's
     compiled graphs (aot_eager) drop in-place updates of 0-d float64 tensors."""
-    return torch.full((1,), float(updates), device=device, dtype=torch.float64 if has_float64(device) else torch.float32)
+    return _static(torch.full((1,), float(updates), device=device,
+                              dtype=torch.float64 if has_float64(device) else torch.float32))
+
+
+def _guard_tensor(device):
+    return _static(torch.zeros(2, dtype=torch.int64, device=device))
 
 
 BUFFER_POLICIES = ('average', 'copy', 'keep')
@@ -79,9 +91,9 @@ class ModelEMA:
       includes ``update`` can be captured in a CUDA graph (``torch.cuda.graph``,
       ``torch.compile(mode='reduce-overhead')``) and each replay advances it. ``updates`` reads the counter (a
       sync); setting it (``smart_resume``) writes it. The decay is the host's own value, looked up in a table of
-      the schedule by the counter (bit-identical to ``capturable=False``; float32 on MPS), past
-      ``_ema_schedule.TABLE_LIMIT`` entries computed by the formula on the device, whose exp/pow may differ in the
-      last bit. A replaced ``ema.decay`` raises here: it cannot run on the device.
+      the schedule by the counter (bit-identical to ``capturable=False``; float32 on MPS), past the table's
+      limit (``_ema_schedule.TABLE_LIMIT`` entries, ``RAMP_TABLE_LIMIT`` for the seed's ramp) computed by the
+      formula on the device, whose exp/pow may differ in the last bit. A replaced ``ema.decay`` raises here: it cannot run on the device.
     - ``schedule``: the decay of the x-th averaging update. 'ramp': the seed's ``decay * (1 - exp(-x / tau))``;
       'warmup': timm's ``1 - (1 + x / warmup_gamma) ** -warmup_power`` clamped to [``min_decay``, ``decay``];
       'constant': ``decay``; 'half_life': torchtitan's ``2 ** (-1 / (half_life_fraction * x))``.
@@ -132,7 +144,7 @@ class ModelEMA:
             self._count = _counter(updates, device)
             self._table = DecayTable(sched, self._count)
         if skip_nonfinite:
-            self._guard = torch.zeros(2, dtype=torch.int64, device=device)
+            self._guard = _guard_tensor(device)
         self.mode = mode
         self.copy_buffers = copy_buffers
         self.buffers = buffers
@@ -185,8 +197,7 @@ class ModelEMA:
         if self.skip_nonfinite:
             guard = self._guard
             if guard is None or guard.device != device:
-                self._guard = guard = (torch.zeros(2, dtype=torch.int64, device=device) if guard is None
-                                       else guard.to(device))
+                self._guard = guard = _guard_tensor(device) if guard is None else _static(guard.to(device))
         if not self.capturable:
             return (self.decay(self._updates + 1) if decay is None else decay), guard
         if self.decay is not self._schedule:

@@ -5,13 +5,20 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
-#include "launch_error.h"
-
 namespace torchutils_ext {
 
-inline void check_launch(const char* op) {
-  const char* err = cuda::last_launch_error();
-  TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err);
+// Before an op's first launch: an error left pending by earlier work is reported as such, not blamed on the op's
+// own launches (cudaGetLastError returns the last error of any call on this thread).
+inline void check_no_pending_error(const char* op) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, op, ": a CUDA error was pending before this op launched anything (from earlier "
+              "work on this thread): ", cudaGetErrorString(err));
+}
+
+// After the launches: the first failed launch's error (each launch is checked as it is made, as ATen's
+// C10_CUDA_KERNEL_LAUNCH_CHECK does, and nothing is launched after a failed one).
+inline void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 inline void check_cuda(at::TensorList ts, const char* op) {

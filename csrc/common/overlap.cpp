@@ -68,6 +68,12 @@ using Span = std::pair<std::pair<uintptr_t, uintptr_t>, size_t>;  // (span, inde
 
 }  // namespace
 
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || !a.numel() || !b.numel()) return false;
+  const auto sa = span(a), sb = span(b);
+  return sa.first < sb.second && sb.first < sa.second && share_memory(a, sa, b, sb);
+}
+
 void check_no_overlap(at::TensorList writes, at::TensorList reads, const char* what) {
   if (writes.empty() || writes[0].is_meta()) return;
   for (size_t i = 0; i < writes.size(); ++i)  // e.g. expand()ed: a write to one element would land on others

@@ -30,8 +30,9 @@ at::Tensor count_zeros_cuda(at::TensorList tensors) {
       out.add_(t.eq(0).sum());  // eq serves more dtypes than count_nonzero
     }
   }
-  cuda::launch_count_zeros(entries.data(), static_cast<int>(entries.size()), out.data_ptr<int64_t>(), stream);
-  check_launch("count_zeros");
+  check_no_pending_error("count_zeros");
+  check_launch("count_zeros", cuda::launch_count_zeros(entries.data(), static_cast<int>(entries.size()),
+                                                       out.data_ptr<int64_t>(), stream));
   return out;
 }
 

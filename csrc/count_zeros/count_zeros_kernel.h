@@ -15,7 +15,8 @@ struct ZeroEntry {
   uint64_t mask;
   int elem_size;
 };
-void launch_count_zeros(const ZeroEntry* entries, int n, int64_t* out, cudaStream_t stream);
+// Returns the first launch error (each launch is checked; nothing is launched after a failed one).
+cudaError_t launch_count_zeros(const ZeroEntry* entries, int n, int64_t* out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchutils_ext

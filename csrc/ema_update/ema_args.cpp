@@ -38,6 +38,11 @@ void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>&
                      "ema_update_: decay tensor must be float32 or float64, got ", d.scalar_type());
     TORCH_CHECK_VALUE(!device || d.device() == *device || d.device().is_cpu(), "ema_update_: decay tensor is on ",
                       d.device(), ", the tensors on ", *device);
+    if (d.is_cpu()) {  // a host read, no sync: refused like a float (a device value: see [decay tensor])
+      const double v = d.scalar_type() == at::kDouble ? *d.const_data_ptr<double>() : *d.const_data_ptr<float>();
+      TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0 && v <= 1.0,
+                        "ema_update_: decay must be a finite number in [0, 1], got ", v, " (a CPU decay tensor)");
+    }
     call.decay_tensor = d;
   } else {
     TORCH_CHECK_VALUE(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0,
@@ -56,6 +61,30 @@ void set_ema_guard(EmaCall& call, const std::optional<at::Tensor>& guard, std::o
   TORCH_CHECK_VALUE(!device || g.device() == *device, "ema_update_: guard is on ", g.device(), ", the tensors on ",
                     *device);
   call.guard = g;
+}
+
+void check_decay_memory(const EmaCall& call, at::TensorList ema, at::TensorList model) {
+  if (!call.decay_tensor || call.decay_tensor->is_meta()) return;
+  const at::Tensor& d = *call.decay_tensor;
+  // NOTE: once per step of ModelEMA's plan with a decay tensor, over every tensor: the usual contiguous tensor is
+  // decided from its pointer and size alone; the exact test only where the decay's bytes fall in its span
+  const auto lo = reinterpret_cast<uintptr_t>(d.const_data_ptr()), hi = lo + d.element_size();
+  auto shares = [&](const at::Tensor& t) {
+    const auto start = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    if (start >= hi || !t.numel()) return false;
+    if (t.is_contiguous()) return lo < start + t.numel() * t.element_size();
+    return shares_memory(d, t);
+  };
+  auto refuse = [](const char* what, size_t i) {
+    TORCH_CHECK_VALUE(false, "ema_update_: the decay tensor shares memory with ", what, i,
+                      "]; it must own its memory (the kernels read it while they write the EMA)");
+  };
+  for (size_t i = 0; i < ema.size(); ++i)
+    if (shares(ema[i])) refuse("ema[", i);
+  for (size_t i = 0; i < model.size(); ++i)
+    if (shares(model[i])) refuse("model[", i);
+  TORCH_CHECK_VALUE(!call.guard || !shares_memory(d, *call.guard),
+                    "ema_update_: the decay tensor shares memory with the guard; it must own its memory");
 }
 
 EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
@@ -84,6 +113,7 @@ EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
     call.kinds.push_back(*k);
     (same_dense_layout(e, m) ? call.fast : call.slow).push_back(static_cast<int64_t>(i));
   }
+  check_decay_memory(call, ema, model);
   if (guard) {  // the guard is written too
     std::vector<at::Tensor> writes(ema.begin(), ema.end());
     writes.push_back(*guard);

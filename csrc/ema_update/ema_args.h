@@ -26,9 +26,17 @@ EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
                        const std::optional<at::Tensor>& decay_tensor, c10::string_view mode,
                        const std::optional<at::Tensor>& guard = std::nullopt);
 
-// Checks decay (finite, in [0, 1]) or decay_tensor (0-d float/double, on `device` or the CPU) into call.
+// NOTE: [decay tensor] A decay tensor must be 0-d float32/float64, on the tensors' device or the CPU, and own its
+// memory (no element shared with an EMA or model tensor or the guard: the kernels read it while they write).
+// Its value must be a number in [0, 1]. On the CPU that is checked before anything is written (ValueError, as a
+// float decay). On a device it cannot be without a sync: the kernels read it, and when it is NaN, Inf or out of
+// [0, 1] they write nothing, and a guard (nonfinite.h) counts the step as skipped.
+// Checks decay (finite, in [0, 1]) or decay_tensor (the above, but for its memory) into call.
 void set_ema_decay(EmaCall& call, double decay, const std::optional<at::Tensor>& decay_tensor,
                    std::optional<at::Device> device);
+
+// Raises ValueError when call's decay tensor shares memory with an EMA or model tensor or the guard.
+void check_decay_memory(const EmaCall& call, at::TensorList ema, at::TensorList model);
 
 // Checks the guard (a contiguous int64 tensor of 2 elements on `device`) into call.
 void set_ema_guard(EmaCall& call, const std::optional<at::Tensor>& guard, std::optional<at::Device> device);

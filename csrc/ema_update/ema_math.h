@@ -1,7 +1,9 @@
-// The per-element EMA formulas, shared by the CPU loop and the CUDA kernel.
-// Built with FP contraction off (see setup.py), so "yolov5" rounds after each product and after the sum
-// exactly like the seed's `v *= d; v += (1 - d) * m`.
+// The per-element EMA formulas, shared by the CPU loop and the CUDA kernel. Every product, sum and difference
+// rounds once (see [separate roundings] in common/rounding.h), so "yolov5" rounds exactly like the seed's
+// `v *= d; v += (1 - d) * m`, and both devices give the same bits whatever the compiler's contraction flags.
 #pragma once
+
+#include "../common/rounding.h"
 
 #if defined(__CUDACC__)
 #define TUE_HD __host__ __device__ __forceinline__
@@ -11,25 +13,6 @@
 
 namespace torchutils_ext {
 
-// One product / one sum, rounded once (never fused, also where the compiler could).
-template <typename O>
-TUE_HD O mul_rn(O a, O b) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(O) == 4) return __fmul_rn(a, b); else return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-template <typename O>
-TUE_HD O add_rn(O a, O b) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(O) == 4) return __fadd_rn(a, b); else return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 template <typename O>
 TUE_HD O ema_yolov5(O v, O m, O d, O omd) {
   return add_rn(mul_rn(v, d), mul_rn(omd, m));
@@ -38,8 +21,8 @@ TUE_HD O ema_yolov5(O v, O m, O d, O omd) {
 // torch.lerp(v, m, w) with w = 1 - d: the form torch uses, exact at both ends of [0, 1].
 template <typename O>
 TUE_HD O ema_lerp(O v, O m, O w) {
-  const O diff = m - v;
-  return (w < O(0.5) && w > O(-0.5)) ? v + w * diff : m - diff * (O(1) - w);
+  const O diff = sub_rn(m, v);
+  return (w < O(0.5) && w > O(-0.5)) ? add_rn(v, mul_rn(w, diff)) : sub_rn(m, mul_rn(diff, sub_rn(O(1), w)));
 }
 
 // The seed's `v *= d; v += (1 - d) * m` step by step, as torch runs it for an EMA of dtype E and a model of

@@ -10,11 +10,13 @@ namespace torchutils_ext {
 EmaPlan::EmaPlan(at::TensorList ema, at::TensorList model, c10::string_view mode)
     : call_(check_ema_args(ema, model, 0.5, std::nullopt, mode)) {}
 
-void EmaPlan::prepare(at::TensorList ema, double decay, const std::optional<at::Tensor>& decay_tensor,
+void EmaPlan::prepare(at::TensorList ema, at::TensorList model, double decay,
+                      const std::optional<at::Tensor>& decay_tensor,
                       const std::optional<at::Tensor>& guard) {
   const auto device = ema.empty() ? std::nullopt : std::optional<at::Device>(ema[0].device());
   set_ema_decay(call_, decay, decay_tensor, device);
   set_ema_guard(call_, guard, device);
+  check_decay_memory(call_, ema, model);
   check_writable(ema, "ModelEMA.update");
   if (guard) check_writable({*guard}, "ModelEMA.update (guard)");
 }
@@ -35,7 +37,7 @@ void copy_entries(at::TensorList ema, at::TensorList model, double decay, const 
   if (ema.empty()) return;
   std::optional<at::Tensor> hold;  // a 0-d bool on the device: leave them this step
   if (decay_tensor && !decay_tensor->is_cpu()) {
-    hold = decay_tensor->eq(1.0);
+    hold = decay_tensor->ge(0.0).logical_and(decay_tensor->lt(1.0)).logical_not();  // 1, NaN, out of range
   } else if ((decay_tensor ? decay_tensor->item<double>() : decay) == 1.0) {  // a CPU read: no device sync
     return;
   }

@@ -17,7 +17,7 @@ class EmaPlan {
  public:
   EmaPlan(at::TensorList ema, at::TensorList model, c10::string_view mode);
   // Checks the decay, the guard (nonfinite.h) and that every EMA tensor may be written; raises before any write.
-  void prepare(at::TensorList ema, double decay, const std::optional<at::Tensor>& decay_tensor,
+  void prepare(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
                const std::optional<at::Tensor>& guard);
   // Runs the device kernel over the prepared call and bumps the written tensors' versions.
   void run(at::TensorList ema, at::TensorList model);
@@ -27,8 +27,9 @@ class EmaPlan {
 };
 
 // The entries copied at each update (copy_buffers' integer buffers, buffers='copy'), after the average of the same
-// step. A step that averaged nothing leaves them too: decay exactly 1 (ModelEMA's update_every_n_steps), or a
-// skip by the guard (guard[0]); where only the device knows, decided there (no sync).
+// step. A step that averaged nothing leaves them too: decay exactly 1 (ModelEMA's update_every_n_steps), a device
+// decay outside [0, 1] ([decay tensor]), or a skip by the guard (guard[0]); where only the device knows, decided
+// there (no sync).
 void copy_entries(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
                   const std::optional<at::Tensor>& guard);
 

@@ -25,25 +25,50 @@ constexpr const char* kName = "torchutils_ext.ModelPlan";
 // tensor is a measurable share of a small model's step.
 constexpr int64_t kReleaseGilBytes = 1 << 20;
 
-// Tensors borrowed from Python objects (no reference count), released on destruction.
+// The tensors of one step, borrowed from the Python objects the watch read: no reference counts, and vectors the
+// plan keeps (no allocation per step). Between steps they still point at the last step's tensors but own nothing
+// (torch.utils.swap_tensors counts owners) and are never read before being overwritten.
 struct Borrowed {
   std::vector<at::Tensor> ts;
-  void add(PyObject* obj) { ts.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(obj))); }
-  ~Borrowed() {
-    for (auto& t : ts) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  Borrowed() = default;
+  Borrowed(Borrowed&&) = default;
+  Borrowed(const Borrowed&) = delete;
+  void fill(const std::vector<PyObject*>& now, const std::vector<Py_ssize_t>& slots) {
+    if (ts.size() != slots.size()) {
+      release();
+      ts.resize(slots.size());
+    }
+    for (size_t i = 0; i < slots.size(); ++i)
+      c10::MaybeOwnedTraits<at::Tensor>::assignBorrow(ts[i], THPVariable_Unpack(now[slots[i]]));
   }
+  void release() {
+    for (auto& t : ts) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);  // never a decref
+    ts.clear();
+  }
+  ~Borrowed() { release(); }
 };
 
 struct Group {
   std::vector<Py_ssize_t> ema, model;  // slots of the watch
   EmaPlan plan;
   bool release_gil;
+  Borrowed ema_now, model_now;
 };
 
 struct ModelPlan {
   Ref watch;
   std::vector<Group> groups;          // one per device
   std::vector<Py_ssize_t> int_ema, int_model;  // the copied pairs (empty without copy_buffers / buffers='copy')
+  Borrowed int_ema_now, int_model_now;
+  std::vector<PyObject*> now;  // the watch's answer
+  bool busy = false;           // a step in progress (its kernels may run without the GIL)
+};
+
+// Marks a step in progress, however it ends.
+struct StepScope {
+  ModelPlan* plan;
+  explicit StepScope(ModelPlan* p) : plan(p) { plan->busy = true; }
+  ~StepScope() { plan->busy = false; }
 };
 
 void destroy(PyObject* capsule) { delete static_cast<ModelPlan*>(PyCapsule_GetPointer(capsule, kName)); }
@@ -95,7 +120,8 @@ PyObject* ema_plan_new(PyObject*, PyObject* args) {
     int64_t bytes = 0;
     for (const auto& t : ema) bytes += t.numel() * static_cast<int64_t>(t.element_size());
     const bool cpu = !ema.empty() && ema[0].device().is_cpu();
-    plan->groups.push_back({std::move(es), std::move(ms), EmaPlan(ema, model, mode), cpu && bytes >= kReleaseGilBytes});
+    plan->groups.push_back({std::move(es), std::move(ms), EmaPlan(ema, model, mode), cpu && bytes >= kReleaseGilBytes,
+                            {}, {}});
   }
   TORCH_CHECK_TYPE(PyTuple_GET_SIZE(ints) == 2, "ema_plan_new: ints must be an (ema slots, model slots) tuple");
   plan->int_ema = slot_list(PyTuple_GET_ITEM(ints, 0), watch->slots());
@@ -119,9 +145,10 @@ PyObject* ema_plan_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   auto* plan = static_cast<ModelPlan*>(PyCapsule_GetPointer(args[0], kName));
+  TORCH_CHECK(!plan->busy, "ModelEMA.update: called again while an update of the same EMA is running (another "
+              "thread?); updates of one EMA must not overlap");
   StateWatch* watch = watch_from(plan->watch.p);
-  std::vector<PyObject*> now;
-  const int r = watch->read(args[1], args[2], now);
+  const int r = watch->read(args[1], args[2], plan->now);
   if (r < 0) return nullptr;
   if (r == 0) Py_RETURN_FALSE;
   double decay = 0.0;
@@ -139,31 +166,29 @@ PyObject* ema_plan_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     TORCH_CHECK_TYPE(THPVariable_Check(args[4]), "ModelEMA.update: guard must be a tensor or None");
     guard = THPVariable_Unpack(args[4]);
   }
-  std::vector<Borrowed> ema(plan->groups.size()), model(plan->groups.size());
-  for (size_t g = 0; g < plan->groups.size(); ++g) {
-    for (Py_ssize_t s : plan->groups[g].ema) ema[g].add(now[s]);
-    for (Py_ssize_t s : plan->groups[g].model) model[g].add(now[s]);
+  const StepScope scope(plan);
+  for (auto& g : plan->groups) {
+    g.ema_now.fill(plan->now, g.ema);
+    g.model_now.fill(plan->now, g.model);
   }
-  Borrowed int_ema, int_model;
-  for (Py_ssize_t s : plan->int_ema) int_ema.add(now[s]);
-  for (Py_ssize_t s : plan->int_model) int_model.add(now[s]);
+  plan->int_ema_now.fill(plan->now, plan->int_ema);
+  plan->int_model_now.fill(plan->now, plan->int_model);
   // the seed updates under torch.no_grad(): an EMA whose parameters require grad is written all the same
   const c10::NoGradGuard no_grad;
-  for (size_t g = 0; g < plan->groups.size(); ++g)  // every check before the first write
-    plan->groups[g].plan.prepare(ema[g].ts, decay, decay_tensor, guard);
-  check_writable(int_ema.ts, "ModelEMA.update (integer buffers)");
-  for (size_t g = 0; g < plan->groups.size(); ++g) {
-    Group& group = plan->groups[g];
-    if (!group.release_gil) {
-      group.plan.run(ema[g].ts, model[g].ts);
+  for (auto& g : plan->groups)  // every check before the first write
+    g.plan.prepare(g.ema_now.ts, g.model_now.ts, decay, decay_tensor, guard);
+  check_writable(plan->int_ema_now.ts, "ModelEMA.update (integer buffers)");
+  for (auto& g : plan->groups) {
+    if (!g.release_gil) {
+      g.plan.run(g.ema_now.ts, g.model_now.ts);
       continue;
     }
-    const std::vector<at::Tensor> own_ema(ema[g].ts.begin(), ema[g].ts.end()),
-        own_model(model[g].ts.begin(), model[g].ts.end());
+    const std::vector<at::Tensor> own_ema(g.ema_now.ts.begin(), g.ema_now.ts.end()),
+        own_model(g.model_now.ts.begin(), g.model_now.ts.end());
     pybind11::gil_scoped_release no_gil;
-    group.plan.run(own_ema, own_model);
+    g.plan.run(own_ema, own_model);
   }
-  copy_entries(int_ema.ts, int_model.ts, decay, decay_tensor, guard);
+  copy_entries(plan->int_ema_now.ts, plan->int_model_now.ts, decay, decay_tensor, guard);
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }

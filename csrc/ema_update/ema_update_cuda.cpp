@@ -27,15 +27,16 @@ void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model)
       d.ptr = call.decay_tensor->data_ptr();
       d.is_double = call.decay_tensor->scalar_type() == at::kDouble;
     } else {
-      d.value = call.decay_tensor->item<double>();  // a CPU scalar: read on the host, no device sync
+      d.value = call.decay_tensor->item<double>();  // a CPU scalar: read on the host (checked), no device sync
     }
   }
   const EmaSpans spans(call, ema, model);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   int64_t* guard = call.guard ? call.guard->data_ptr<int64_t>() : nullptr;
+  check_no_pending_error("ema_update_");
   if (guard != nullptr) C10_CUDA_CHECK(cudaMemsetAsync(guard, 0, sizeof(int64_t), stream));  // this step's flag
-  cuda::launch_ema(spans.spans().data(), static_cast<int>(spans.spans().size()), d, call.lerp, guard, stream);
-  check_launch("ema_update_");
+  check_launch("ema_update_", cuda::launch_ema(spans.spans().data(), static_cast<int>(spans.spans().size()), d,
+                                               call.lerp, guard, stream));
   spans.write_back();
 }
 

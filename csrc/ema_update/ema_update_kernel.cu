@@ -81,26 +81,29 @@ struct EmaOp {
   }
 };
 
-// kChunk-element slice of one pair; 4-wide loads/stores where both pointers allow.
+// kChunk-element slice of one pair; 4-wide loads/stores past a scalar head when both spans reach a 4-element
+// boundary at the same element (views at any offset into a flat buffer, whatever the lengths before them).
 template <typename E, typename M>
 __device__ void ema_chunk(E* e, const M* m, int64_t n, double dd, bool lerp) {
   const EmaOp<E, M> op(dd, lerp);
   constexpr int V = 4;
-  int64_t i0 = 0;
-  if (is_aligned<E, V>(e) && is_aligned<M, V>(m)) {
-    const int64_t nv = n / V;
-    auto* ev = reinterpret_cast<Vec<E, V>*>(e);
-    const auto* mv = reinterpret_cast<const Vec<M, V>*>(m);
-    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
-      Vec<E, V> a = ev[i];
-      const Vec<M, V> b = mv[i];
-#pragma unroll
-      for (int j = 0; j < V; ++j) a.v[j] = op(a.v[j], b.v[j]);
-      ev[i] = a;
-    }
-    i0 = nv * V;
+  int64_t lo = 0, hi = 0;  // the vector body [lo, hi); the rest goes one element at a time
+  const int64_t head = vector_head<E, V>(e, n);
+  if (head == vector_head<M, V>(m, n)) {
+    lo = head;
+    hi = head + (n - head) / V * V;
   }
-  for (int64_t i = i0 + threadIdx.x; i < n; i += blockDim.x) e[i] = op(e[i], m[i]);
+  for (int64_t i = threadIdx.x; i < lo; i += blockDim.x) e[i] = op(e[i], m[i]);
+  auto* ev = reinterpret_cast<Vec<E, V>*>(e + lo);
+  const auto* mv = reinterpret_cast<const Vec<M, V>*>(m + lo);
+  for (int64_t i = threadIdx.x; i < (hi - lo) / V; i += blockDim.x) {
+    Vec<E, V> a = ev[i];
+    const Vec<M, V> b = mv[i];
+#pragma unroll
+    for (int j = 0; j < V; ++j) a.v[j] = op(a.v[j], b.v[j]);
+    ev[i] = a;
+  }
+  for (int64_t i = hi + threadIdx.x; i < n; i += blockDim.x) e[i] = op(e[i], m[i]);
 }
 
 template <typename T>
@@ -118,70 +121,94 @@ __device__ __forceinline__ void with_dtype(EmaDtype t, F&& f) {
   }
 }
 
-// [nonfinite guard]: each block tests its chunk of the model; the first block to find a NaN/Inf sets guard[0]
-// (zeroed before the launch) and counts the skip in guard[1].
-template <typename U>
-__device__ __forceinline__ bool chunk_nonfinite(const void* p_, int64_t n, U mask) {
-  const U* p = static_cast<const U*>(p_);
-  bool hit = false;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) hit |= (p[i] & mask) == mask;
-  return hit;
+// This block's slice of the table: kChunk elements (fewer at an entry's end) of one pair.
+struct EmaSlice {
+  void* e;
+  const void* m;
+  int64_t n;
+  EmaKind kind;
+};
+
+template <int CAP>
+__device__ __forceinline__ EmaSlice slice_of(const EmaTable<CAP>& t) {
+  const int k = entry_of_block(t.block_start, t.n);
+  const int64_t start = static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk;
+  const auto kind = static_cast<EmaKind>(t.kind[k]);
+  return {static_cast<char*>(t.ema[k]) + start * element_size(ema_dtype_of(kind)),
+          static_cast<const char*>(t.model[k]) + start * element_size(model_dtype_of(kind)),
+          min(kChunk, t.numel[k] - start), kind};
 }
 
-// The decay, read on the device when it is a tensor: no host sync, and a captured graph sees its current value.
-__device__ __forceinline__ double load_decay(const void* dptr, bool d_is_double, double dval) {
-  if (dptr == nullptr) return dval;
-  return d_is_double ? *static_cast<const double*>(dptr) : static_cast<double>(*static_cast<const float*>(dptr));
+// NOTE: [decay tensor] a decay read on the device is used only when it is a number in [0, 1]; any other value
+// (NaN, Inf, out of range) writes nothing, and with a guard the step counts as skipped (ema_args.h).
+__device__ __forceinline__ double read_decay(const void* dptr, bool d_is_double, double dval) {
+  return dptr ? (d_is_double ? *static_cast<const double*>(dptr) : static_cast<double>(*static_cast<const float*>(dptr)))
+              : dval;
+}
+__device__ __forceinline__ bool decay_ok(double d) { return d >= 0.0 && d <= 1.0; }  // false for NaN
+
+// [nonfinite guard]: whether this block's chunk of the model holds a NaN/Inf. The bodies below are shared by
+// every table tier (see [table tiers]); each kernel only finds its block's slice.
+__device__ __noinline__ bool slice_nonfinite(const void* m, int64_t n, EmaDtype md) {
+  const uint64_t mask = exponent_mask(md);
+  const int size = element_size(md);
+  const auto all_set = [](auto x, auto mk) { return (x & mk) == mk; };
+  if (size == 2) {
+    const auto mk = static_cast<uint16_t>(mask);
+    return count_where(static_cast<const uint16_t*>(m), n, [&](uint16_t x) { return all_set(x, mk); }) != 0;
+  }
+  if (size == 4) {
+    const auto mk = static_cast<uint32_t>(mask);
+    return count_where(static_cast<const uint32_t*>(m), n, [&](uint32_t x) { return all_set(x, mk); }) != 0;
+  }
+  return count_where(static_cast<const uint64_t*>(m), n, [&](uint64_t x) { return all_set(x, mask); }) != 0;
 }
 
+// Each block tests its chunk of the model (and the decay); the first block to find a NaN/Inf or a decay out of
+// [0, 1] sets guard[0] (zeroed before the launch) and counts the skip in guard[1]. A decay of exactly 1 checks
+// nothing: [exact ends] (nonfinite.h).
 template <int CAP>
 __global__ void __launch_bounds__(kThreads)
 nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval,
                  unsigned long long* guard) {
-  if (load_decay(dptr, d_is_double, dval) == 1.0) return;  // [exact ends]: nothing checked, guard[0] stays 0
-  const int k = entry_of_block(t.block_start, t.n);
-  const int64_t start = static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk;
-  const int64_t n = min(kChunk, t.numel[k] - start);
-  const EmaDtype md = model_dtype_of(static_cast<EmaKind>(t.kind[k]));
-  const uint64_t mask = exponent_mask(md);
-  const int size = element_size(md);
-  const char* m = static_cast<const char*>(t.model[k]) + start * size;
-  const bool hit = size == 2   ? chunk_nonfinite<uint16_t>(m, n, static_cast<uint16_t>(mask))
-                   : size == 4 ? chunk_nonfinite<uint32_t>(m, n, static_cast<uint32_t>(mask))
-                               : chunk_nonfinite<uint64_t>(m, n, mask);
+  const double dd = read_decay(dptr, d_is_double, dval);
+  if (dd == 1.0) return;  // [exact ends]: nothing checked, guard[0] stays 0
+  const EmaSlice s = slice_of(t);
+  bool hit = slice_nonfinite(s.m, s.n, model_dtype_of(s.kind));
+  if (threadIdx.x == 0) hit |= !decay_ok(dd);
   if (__syncthreads_or(hit) && threadIdx.x == 0 && atomicCAS(&guard[0], 0ull, 1ull) == 0ull) atomicAdd(&guard[1], 1ull);
+}
+
+__device__ __noinline__ void ema_slice(EmaSlice s, double dd, bool lerp) {
+  with_dtype(ema_dtype_of(s.kind), [&](auto et) {
+    with_dtype(model_dtype_of(s.kind), [&](auto mt) {
+      using E = typename decltype(et)::type;
+      using M = typename decltype(mt)::type;
+      ema_chunk<E, M>(static_cast<E*>(s.e), static_cast<const M*>(s.m), s.n, dd, lerp);
+    });
+  });
 }
 
 template <int CAP>
 __global__ void __launch_bounds__(kThreads)
 ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval, bool lerp,
            const unsigned long long* skip) {
-  if (skip != nullptr && *skip) return;  // the guard found a NaN/Inf: nothing is written
-  const double dd = load_decay(dptr, d_is_double, dval);
-  if (dd == 1.0) return;  // [exact ends]: nothing written
-  const int k = entry_of_block(t.block_start, t.n);
-  const int64_t start = static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk;
-  const int64_t n = min(kChunk, t.numel[k] - start);
-  const EmaKind kind = static_cast<EmaKind>(t.kind[k]);
-  void* e = t.ema[k];
-  const void* m = t.model[k];
-  with_dtype(ema_dtype_of(kind), [&](auto et) {
-    with_dtype(model_dtype_of(kind), [&](auto mt) {
-      using E = typename decltype(et)::type;
-      using M = typename decltype(mt)::type;
-      ema_chunk<E, M>(static_cast<E*>(e) + start, static_cast<const M*>(m) + start, n, dd, lerp);
-    });
-  });
+  if (skip != nullptr && *skip) return;  // the guard found a NaN/Inf or a bad decay: nothing is written
+  // decay read on the device: no host sync, and a captured graph sees the tensor's current value
+  const double dd = read_decay(dptr, d_is_double, dval);
+  if (!decay_ok(dd) || dd == 1.0) return;  // [decay tensor]; [exact ends]: 1 writes nothing
+  ema_slice(slice_of(t), dd, lerp);
 }
 
 // Each table with the kernel's other parameters (and their alignment padding) within the limit it is launched
-// under: 64 entries with any runtime, 256 and 1024 with large parameters only.
+// under: 64 entries with any runtime, up to 1024 with large parameters only.
 constexpr size_t kEmaExtra = 3 * sizeof(const void*) + 2 * sizeof(double);
 static_assert(sizeof(EmaTable<64>) + kEmaExtra <= kSmallParams, "the 64-entry table must fit 4 KB");
 static_assert(sizeof(EmaTable<1024>) + kEmaExtra <= kLargeParams, "the 1024-entry table must fit 32 KB");
 
 template <int CAP>
-void launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_t* guard, cudaStream_t stream) {
+cudaError_t launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_t* guard,
+                       cudaStream_t stream) {
   auto fill = [](EmaTable<CAP>& t, int s, const EmaSpan& x) {
     t.ema[s] = x.ema;
     t.model[s] = x.model;
@@ -189,24 +216,23 @@ void launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_
     t.kind[s] = static_cast<uint8_t>(x.kind);
   };
   auto* g = reinterpret_cast<unsigned long long*>(guard);
-  if (g != nullptr)  // every table's check before any table's update: the whole EMA or nothing
-    pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
-      nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, g);
-    });
-  pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
+  if (g != nullptr) {  // every table's check before any table's update: the whole EMA or nothing
+    const cudaError_t err =
+        pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
+          nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, g);
+        });
+    if (err != cudaSuccess) return err;
+  }
+  return pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
     ema_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, lerp, g);
   });
 }
 
 }  // namespace
 
-void launch_ema(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_t* guard, cudaStream_t stream) {
-  // The smallest table that holds the list: a smaller parameter block to copy per launch.
-  if (n <= 64 || !large_kernel_params()) return launch_cap<64>(entries, n, decay, lerp, guard, stream);
-#if TUE_LARGE_PARAMS
-  if (n <= 256) return launch_cap<256>(entries, n, decay, lerp, guard, stream);
-  launch_cap<1024>(entries, n, decay, lerp, guard, stream);
-#endif
+cudaError_t launch_ema(const EmaSpan* entries, int n, EmaDecay decay, bool lerp, int64_t* guard,
+                       cudaStream_t stream) {
+  return with_tier(n, [&](auto cap) { return launch_cap<decltype(cap)::value>(entries, n, decay, lerp, guard, stream); });
 }
 
 }  // namespace cuda

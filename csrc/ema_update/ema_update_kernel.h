@@ -17,8 +17,9 @@ struct EmaDecay {
   double value;
 };
 // One launch per table of spans (each with numel > 0). With a guard (int64[2] on the device, guard[0] zeroed by
-// the caller), a check launch per table first (see [nonfinite guard] in nonfinite.h).
-void launch_ema(const EmaSpan* spans, int n, EmaDecay decay, bool lerp, int64_t* guard, cudaStream_t stream);
+// the caller), a check launch per table first (see [nonfinite guard] in nonfinite.h). Returns the first launch
+// error (each launch is checked; nothing is launched after a failed one).
+cudaError_t launch_ema(const EmaSpan* spans, int n, EmaDecay decay, bool lerp, int64_t* guard, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchutils_ext

@@ -32,7 +32,7 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
   const c10::cuda::CUDAGuard guard(a.weight[0].device());
   std::vector<cuda::FoldEntry> groups[4];
   std::vector<RowsIO> ios;
-  std::vector<at::Tensor> hold;  // converted BN vectors, alive until the launches are queued
+  std::vector<at::Tensor> hold;  // converted BN vectors and the scales, alive until the launches are queued
   ios.reserve(a.weight.size());
   for (size_t i = 0; i < a.weight.size(); ++i) {
     const auto& w = a.weight[i];
@@ -51,17 +51,30 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
         if (v) hold.push_back(*v = v->to(op).contiguous());
     }
     if (!out_b[i].defined()) out_b[i] = at::empty({a.channels(i)}, w.options());
+    TORCH_CHECK_VALUE(a.channels(i) <= INT32_MAX, "fold_conv_bn: weight[", i, "] has more than 2^31 output channels");
     groups[static_cast<int>(*dt)].push_back({io.src.data_ptr(), io.dst.data_ptr(), ptr_or_null(vecs[0]),
                                              ptr_or_null(vecs[1]), ptr_or_null(vecs[2]), vecs[3]->data_ptr(),
-                                             vecs[4]->data_ptr(), out_b[i].data_ptr(), a.eps[i],
-                                             std::max<int64_t>(io.src.numel(), 1), io.L.K, io.L.ipg, io.L.opg,
+                                             vecs[4]->data_ptr(), out_b[i].data_ptr(), nullptr, a.eps[i],
+                                             io.src.numel(), io.L.K, io.L.ipg, io.L.opg,
                                              static_cast<int32_t>(a.channels(i)), !as_weight});
   }
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  for (int g = 0; g < 4; ++g)
-    if (!groups[g].empty())
-      cuda::launch_fold(groups[g].data(), static_cast<int>(groups[g].size()), static_cast<cuda::FoldDtype>(g), stream);
-  check_launch("fold_conv_bn");
+  check_no_pending_error("fold_conv_bn");
+  for (int g = 0; g < 4; ++g) {
+    if (groups[g].empty()) continue;
+    // the per-channel scales of the group's layers, one scratch vector in the math type
+    int64_t channels = 0;
+    for (const auto& e : groups[g]) channels += e.C;
+    const auto op = static_cast<cuda::FoldDtype>(g) == cuda::FoldDtype::F64 ? at::kDouble : at::kFloat;
+    hold.push_back(at::empty({channels}, a.weight[0].options().dtype(op)));
+    auto* scale = static_cast<char*>(hold.back().data_ptr());
+    for (auto& e : groups[g]) {
+      e.scale = scale;
+      scale += e.C * hold.back().element_size();
+    }
+    check_launch("fold_conv_bn", cuda::launch_fold(groups[g].data(), static_cast<int>(groups[g].size()),
+                                                   static_cast<cuda::FoldDtype>(g), stream));
+  }
   for (const auto& io : ios) io.finish();  // layouts the kernel could not walk: copied back, stream-ordered
   return out_b;
 }

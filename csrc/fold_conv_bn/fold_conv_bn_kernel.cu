@@ -1,11 +1,12 @@
-// CUDA kernel of fold_conv_bn: every layer of one weight dtype in one launch. Each element recomputes its
-// channel's BN factor (cached loads; folding is a once-per-export job), block 0 of a layer writes its bias.
+// CUDA kernels of fold_conv_bn: every layer of one weight dtype in two launches. The channel kernel computes each
+// output channel's scale (into a scratch vector) and new bias; the weight kernel multiplies each element by its
+// channel's scale, so the divide and the sqrt run once per channel, not per element.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "fold_math.h"
 #include "../common/multi_tensor_apply.cuh"
 #include "fold_conv_bn_kernel.h"
+#include "fold_math.h"
 
 namespace torchutils_ext {
 namespace cuda {
@@ -33,61 +34,97 @@ __device__ __forceinline__ O vec(const FoldEntry& f, const void* p, int64_t c) {
   return f.vec_op ? static_cast<const O*>(p)[c] : ld(static_cast<const T*>(p), c);
 }
 
-template <typename T, typename O>
-__device__ __forceinline__ O scale_of(const FoldEntry& f, int64_t c) {
-  return fold_scale<O>(f.bn_w ? vec<T, O>(f, f.bn_w, c) : O(1), vec<T, O>(f, f.var, c), static_cast<O>(f.eps));
-}
-
 static_assert(sizeof(FoldTable<32>) <= kSmallParams, "the 32-entry table must fit 4 KB");
 static_assert(sizeof(FoldTable<256>) <= kLargeParams, "the 256-entry table must fit 32 KB");
 
-template <typename T, typename O, int CAP>
-__global__ void __launch_bounds__(kThreads) fold_kernel(const __grid_constant__ FoldTable<CAP> t) {
-  const int k = entry_of_block(t.block_start, t.n);
-  const FoldEntry& f = t.e[k];
-  const int64_t chunk = blockIdx.x - t.block_start[k];
-  if (chunk == 0) {
-    for (int64_t c = threadIdx.x; c < f.C; c += blockDim.x) {
-      const O bn_b = f.bn_b ? vec<T, O>(f, f.bn_b, c) : O(0);
-      st(static_cast<T*>(f.out_b), c,
-         fold_shift<O>(f.bias ? vec<T, O>(f, f.bias, c) : O(0), vec<T, O>(f, f.mean, c), scale_of<T, O>(f, c),
-                       f.bn_b ? &bn_b : nullptr));
-    }
+// Channels [start, start + kChunk) of one layer: scale[c] = bn_w / sqrt(var + eps) and the bias (see [fold math]).
+// The bodies are shared by both table tiers; each kernel only finds its block's entry.
+template <typename T, typename O>
+__device__ __noinline__ void fold_channels(const FoldEntry& f, int64_t start) {
+  const int64_t end = min(static_cast<int64_t>(f.C), start + kChunk);
+  for (int64_t c = start + threadIdx.x; c < end; c += blockDim.x) {
+    const O scale = fold_scale<O>(f.bn_w ? vec<T, O>(f, f.bn_w, c) : O(1), vec<T, O>(f, f.var, c),
+                                  static_cast<O>(f.eps));
+    static_cast<O*>(f.scale)[c] = scale;
+    const O bn_b = f.bn_b ? vec<T, O>(f, f.bn_b, c) : O(0);
+    st(static_cast<T*>(f.out_b), c,
+       fold_shift<O>(f.bias ? vec<T, O>(f, f.bias, c) : O(0), vec<T, O>(f, f.mean, c), scale, f.bn_b ? &bn_b : nullptr));
   }
-  const int64_t start = chunk * kChunk, end = f.K ? min(f.numel, start + kChunk) : start, group = f.ipg * f.opg;
+}
+
+// Output channel of weight row r (see RowLayout): r itself when ipg == 1 (every Conv and Linear).
+__device__ __forceinline__ int64_t channel_of_row(int64_t r, int64_t ipg, int64_t opg) {
+  return ipg == 1 ? r : (r / (ipg * opg)) * opg + r % opg;
+}
+
+// Weight elements [start, start + kChunk) of one layer: w * scale[channel], rounded once. Each thread divides
+// once to find its first element's row; a step of kThreads elements then moves q = kThreads / K rows and
+// rem = kThreads % K elements, with no division.
+template <typename T, typename O>
+__device__ __noinline__ void fold_weights(const FoldEntry& f, int64_t start) {
+  const int64_t end = min(f.numel, start + kChunk), K = f.K, q = kThreads / K, rem = kThreads % K, ipg = f.ipg,
+                opg = f.opg;
+  int64_t i = start + threadIdx.x;
+  if (i >= end) return;
+  int64_t r = i / K, col = i - r * K;
   const T* w = static_cast<const T*>(f.w);
   T* out = static_cast<T*>(f.out_w);
-  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
-    const int64_t r = i / f.K;
-    const O scale = scale_of<T, O>(f, (r / group) * f.opg + r % f.opg);
-    st(out, i, ld(w, i) * scale);
+  const O* scale = static_cast<const O*>(f.scale);
+  for (; i < end; i += kThreads) {
+    st(out, i, mul_rn(ld(w, i), scale[channel_of_row(r, ipg, opg)]));
+    r += q;
+    col += rem;
+    if (col >= K) {
+      col -= K;
+      ++r;
+    }
   }
 }
 
 template <typename T, typename O, int CAP>
-void launch_cap(const FoldEntry* entries, int n, cudaStream_t stream) {
-  pack_and_launch<FoldTable<CAP>, CAP>(
-      entries, n, [](FoldTable<CAP>& t, int s, const FoldEntry& x) { t.e[s] = x; },
-      [&](const FoldTable<CAP>& t, unsigned blocks) { fold_kernel<T, O, CAP><<<blocks, kThreads, 0, stream>>>(t); });
+__global__ void __launch_bounds__(kThreads) fold_channels_kernel(const __grid_constant__ FoldTable<CAP> t) {
+  const int k = entry_of_block(t.block_start, t.n);
+  fold_channels<T, O>(t.e[k], static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk);
+}
+
+template <typename T, typename O, int CAP>
+__global__ void __launch_bounds__(kThreads) fold_weights_kernel(const __grid_constant__ FoldTable<CAP> t) {
+  const int k = entry_of_block(t.block_start, t.n);
+  fold_weights<T, O>(t.e[k], static_cast<int64_t>(blockIdx.x - t.block_start[k]) * kChunk);
+}
+
+template <typename T, typename O, int CAP>
+cudaError_t launch_cap(const FoldEntry* entries, int n, cudaStream_t stream) {
+  auto fill = [](FoldTable<CAP>& t, int s, const FoldEntry& x) { t.e[s] = x; };
+  const cudaError_t err = pack_and_launch<FoldTable<CAP>, CAP>(
+      entries, n, [](const FoldEntry& x) { return static_cast<int64_t>(x.C); }, fill,
+      [&](const FoldTable<CAP>& t, unsigned blocks) { fold_channels_kernel<T, O, CAP><<<blocks, kThreads, 0, stream>>>(t); });
+  if (err != cudaSuccess) return err;
+  return pack_and_launch<FoldTable<CAP>, CAP>(entries, n, fill, [&](const FoldTable<CAP>& t, unsigned blocks) {
+    fold_weights_kernel<T, O, CAP><<<blocks, kThreads, 0, stream>>>(t);
+  });
 }
 
 template <typename T, typename O>
-void launch_typed(const FoldEntry* entries, int n, cudaStream_t stream) {
+cudaError_t launch_typed(const FoldEntry* entries, int n, cudaStream_t stream) {
   if (n <= 32 || !large_kernel_params()) return launch_cap<T, O, 32>(entries, n, stream);
 #if TUE_LARGE_PARAMS
-  launch_cap<T, O, 256>(entries, n, stream);
+  return launch_cap<T, O, 256>(entries, n, stream);
+#else
+  return cudaSuccess;
 #endif
 }
 
 }  // namespace
 
-void launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream) {
+cudaError_t launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream) {
   switch (dtype) {
     case FoldDtype::F32: return launch_typed<float, float>(entries, n, stream);
     case FoldDtype::F16: return launch_typed<__half, float>(entries, n, stream);
     case FoldDtype::BF16: return launch_typed<__nv_bfloat16, float>(entries, n, stream);
     case FoldDtype::F64: return launch_typed<double, double>(entries, n, stream);
   }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda

@@ -10,7 +10,8 @@ namespace cuda {
 
 // fold_conv_bn: one entry per layer whose weight walks as rows (see RowLayout). BN vectors are of the weight's
 // dtype, or of its math type (float/double) when vec_op. Optional vectors (bias, bn_w, bn_b) may be null. out_w
-// may equal w (in place). An empty weight has K == 0 and numel 1: its one block writes the bias.
+// may equal w (in place). scale: C elements of the math type on the device, the kernels' scratch. numel: the
+// weight's elements (0 for an empty weight, whose bias is still written).
 struct FoldEntry {
   const void* w;
   void* out_w;
@@ -20,12 +21,14 @@ struct FoldEntry {
   const void* mean;
   const void* var;
   void* out_b;
+  void* scale;
   double eps;
   int64_t numel, K, ipg, opg;
   int32_t C, vec_op;  // 32-bit: the table must stay within the kernel parameter limits
 };
 enum class FoldDtype : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
-void launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream);
+// Two launches per table (channels, then weights); returns the first launch error, launching nothing after it.
+cudaError_t launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchutils_ext

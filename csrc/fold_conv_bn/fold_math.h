@@ -1,9 +1,10 @@
 // NOTE: [fold math] The per-channel math of folding BatchNorm into the preceding layer, shared by the CPU and
 // CUDA kernels; the pure-torch twin (_reference.scale_shift_all) keeps the same operation order. Each operation
-// rounds once in O (float for fp32/fp16/bf16 weights, double for fp64): scale = bn_w / sqrt(var + eps), then
-// shift = (bias - mean) * scale (+ bn_b). sqrt is correctly rounded on both devices.
+// rounds once in O (float for fp32/fp16/bf16 weights, double for fp64; see [separate roundings] in
+// common/rounding.h): scale = bn_w / sqrt(var + eps), then shift = (bias - mean) * scale (+ bn_b), then each
+// weight element times its channel's scale. Division and sqrt are IEEE (correctly rounded) on both devices.
 #pragma once
-#include <cmath>
+#include "../common/rounding.h"
 
 #if defined(__CUDACC__)
 #define TUE_FOLD_HD __host__ __device__ __forceinline__
@@ -15,17 +16,13 @@ namespace torchutils_ext {
 
 template <typename O>
 TUE_FOLD_HD O fold_scale(O bn_w, O var, O eps) {
-#if defined(__CUDA_ARCH__)
-  return bn_w / sqrt(var + eps);
-#else
-  return bn_w / std::sqrt(var + eps);
-#endif
+  return div_rn(bn_w, sqrt_rn(add_rn(var, eps)));
 }
 
 template <typename O>
 TUE_FOLD_HD O fold_shift(O bias, O mean, O scale, const O* bn_b) {
-  const O s = (bias - mean) * scale;
-  return bn_b ? s + *bn_b : s;
+  const O s = mul_rn(sub_rn(bias, mean), scale);
+  return bn_b ? add_rn(s, *bn_b) : s;
 }
 
 }  // namespace torchutils_ext

@@ -172,7 +172,7 @@ int StateWatch::read(PyObject* ema, PyObject* model, std::vector<PyObject*>& out
     if (r != 1) return r;
     seen_generation_ = generation;
   }
-  out.assign(seen_.size(), nullptr);
+  out.resize(seen_.size());  // every slot is written by its kTensor entry
   return walk(fast_, &out);
 }
 

@@ -1,0 +1,36 @@
+// One arithmetic operation rounded once to nearest-even, on the host and on the device. NOTE: [separate roundings]
+// Wherever the README promises that a product and a sum round separately (the EMA's "yolov5" and "lerp" formulas,
+// the fold's shift), the kernels use these: nvcc contracts a plain `a * b + c` into one fused multiply-add unless
+// built with --fmad=false, and these CUDA intrinsics are never contracted, whatever the flags. Division and sqrt
+// are IEEE (correctly rounded) also under --use_fast_math. On the host, plain operators with -ffp-contract=off.
+#pragma once
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define TUE_RN __host__ __device__ __forceinline__
+#else
+#define TUE_RN inline
+#endif
+
+namespace torchutils_ext {
+
+#if defined(__CUDA_ARCH__)
+TUE_RN float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+TUE_RN double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+TUE_RN float add_rn(float a, float b) { return __fadd_rn(a, b); }
+TUE_RN double add_rn(double a, double b) { return __dadd_rn(a, b); }
+TUE_RN float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+TUE_RN double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+TUE_RN float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+TUE_RN double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+TUE_RN float sqrt_rn(float a) { return __fsqrt_rn(a); }
+TUE_RN double sqrt_rn(double a) { return __dsqrt_rn(a); }
+#else
+template <typename O> TUE_RN O mul_rn(O a, O b) { return a * b; }
+template <typename O> TUE_RN O add_rn(O a, O b) { return a + b; }
+template <typename O> TUE_RN O sub_rn(O a, O b) { return a - b; }
+template <typename O> TUE_RN O div_rn(O a, O b) { return a / b; }
+template <typename O> TUE_RN O sqrt_rn(O a) { return std::sqrt(a); }
+#endif
+
+}  // namespace torchutils_ext
