@@ -352,6 +352,44 @@ def test_device_path_of_the_twin_selects_the_ends(monkeypatch):
         assert guard.tolist() == ([0, 0] if d == 1.0 else [1, 1])  # inf in the model: skipped unless decay 1
 
 
+def test_copied_entries_follow_a_device_decay(monkeypatch):
+    """The copied entries (buffers='copy', copy_buffers) where only the device knows the decay (posed as traced):
+    copied for a decay in [0, 1), left for 1 (no averaging step) and for a NaN or out-of-range decay, which
+    averages nothing either ([decay tensor])."""
+    from torchutils_ext._ema_plan import copy_entries
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    m = [torch.tensor([5, 6]), torch.tensor([1.5, float('inf')]), torch.tensor([True, False])]
+    for d in (0.0, 0.5, 1.0, float('nan'), 1.5, -0.5):
+        e = [torch.tensor([1, 2]), torch.tensor([0.0, -1.0]), torch.tensor([False, True])]
+        before = snapshot(e)
+        copy_entries(e, m, torch.tensor(d, dtype=torch.float64), None)
+        want = m if 0.0 <= d < 1.0 else before
+        assert all(torch.equal(a, b) for a, b in zip(e, want)), d
+
+
+def test_half_life_past_its_table_limit(monkeypatch, backend):
+    """half_life never settles, so its capturable table stops at TABLE_LIMIT (not the seed ramp's larger limit);
+    before it the device value is the host's bit for bit, past it torchtitan's formula on the device."""
+    from torchutils_ext import _ema_schedule
+    monkeypatch.setattr(_ema_schedule, 'TABLE_LIMIT', 6)
+    _ema_schedule.host_values.cache_clear()
+    try:
+        model = net()
+        dev = tx.ModelEMA(model, schedule='half_life', half_life_fraction=0.3, capturable=True)
+        ramp = tx.ModelEMA(model, capturable=True)
+        assert dev._table.values.numel() == 6 and not dev._table.settled and ramp._table.settled
+        for done in (0, 4, 5, 6, 40):
+            got = _ema_schedule.device_decay(torch.full((1,), float(done), dtype=torch.float64), dev._schedule,
+                                             dev._table).item()
+            want = torchtitan_decay(done + 1, 0.3)
+            if done + 1 < 6:
+                assert got == want
+            else:
+                assert math.isclose(got, want, rel_tol=1e-15)
+    finally:
+        _ema_schedule.host_values.cache_clear()
+
+
 def test_options_survive_pickle_and_deepcopy(backend):
     model = net()
     ema = tx.ModelEMA(model, schedule='warmup', min_decay=0.1, update_every_n_steps=2, update_after_step=0,
