@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _worker(models, calls):
     import torch
     sys.path.insert(0, str(ROOT / 'tests'))
-    from yolo_models import yolov5
+    from yolo_models import build_yolov5 as yolov5
 
     import torchutils_ext as tx
     torch.set_num_threads(1)
