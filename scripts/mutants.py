@@ -63,9 +63,9 @@ MUTANTS = [
      'else flat, 0, out=out)', COUNT),
     ('twin zero count drops the packed small tensors', 'torchutils_ext/_reference.py',
      '            counts.append(_zeros_in(packed, flags))', '            pass', TWIN),
-    ('fake kernel: no length check', 'torchutils_ext/_ops.py',
-     "        if len(ema) != len(model):\n            raise ValueError(f'ema and model lists differ in length: "
-     "{len(ema)} vs {len(model)}')", '        pass', OPS_EMA),
+    ('fake kernel: no length check', 'torchutils_ext/_fake.py',
+     "    if len(ema) != len(model):\n        raise ValueError(f'ema and model lists differ in length: "
+     "{len(ema)} vs {len(model)}')", '    pass', OPS_EMA),
     ('overlap check never finds overlap', 'torchutils_ext/_validate.py', 'def _shared(writes, reads=()):',
      'def _shared(writes, reads=()):\n    return False\n\n\ndef _unused_shared(writes, reads=()):', RELIABILITY),
     ('state watch twin ignores tensor metadata', 'torchutils_ext/_ema_plan.py',

@@ -10,7 +10,8 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
+from . import _validate
+from ._validate import check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -157,7 +158,7 @@ class _Group:
         self.op = _opmath(edt)
         self.shapes = [e.shape for e in es]  # what the plans are cut to (a plan proves them unchanged)
         self.plans = {}  # per mode, built at the first update that needs one
-        self.seed_math = (edt, mdt) in SEED_ROUNDING_PAIRS
+        self.seed_math = (edt, mdt) in _validate.SEED_ROUNDING_PAIRS
 
     def apply(self, es, ms, d, omd, mode):
         with torch.no_grad():
