@@ -219,14 +219,14 @@ class EmaGroups:
         # a decay tensor whose value was not checked on the host (on a device, or traced): [decay tensor]
         unread = decay_tensor is not None and (decay_tensor.device.type != 'cpu' or torch.compiler.is_compiling())
         value = None if unread else decay if decay_tensor is None else float(decay_tensor)  # a CPU read: no sync
+        if value == 1.0:
+            if guard is not None:
+                guard[0] = 0
+            return
+        if guard is None and not unread:  # the seed's path: no context entered here (each group enters no_grad)
+            self._write(ema, model, d, omd, mode, value)
+            return
         with torch.no_grad():
-            if value == 1.0:
-                if guard is not None:
-                    guard[0] = 0
-                return
-            if guard is None and not unread:
-                self._write(ema, model, d, omd, mode, value)
-                return
             device = ema[0].device if ema else (guard if guard is not None else decay_tensor).device
             bad = nonfinite(model).to(device) if guard is not None else None
             if unread:
@@ -243,7 +243,8 @@ class EmaGroups:
 
     def _write(self, ema, model, d, omd, mode, value):
         if value == 0.0:
-            torch._foreach_copy_(ema, model)
+            with torch.no_grad():
+                torch._foreach_copy_(ema, model)
         else:
             self._update(ema, model, d, omd, mode)
 
