@@ -282,6 +282,10 @@ bool any_nonfinite(const std::vector<Work>& work) {
 void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   const double d = call.decay_tensor ? call.decay_tensor->item<double>() : call.decay;
   const double omd = 1.0 - d;  // in double, then rounded per kind: the seed's (1 - d) is a Python float
+  if (d == 1.0) {  // [exact ends] (nonfinite.h): nothing written, nothing checked
+    if (call.guard) call.guard->data_ptr<int64_t>()[0] = 0;
+    return;
+  }
 
   const EmaSpans spans(call, ema, model);
   std::vector<Work> work;
@@ -297,6 +301,10 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
     g[0] = any_nonfinite(work) ? 1 : 0;
     g[1] += g[0];
     if (g[0]) return;  // nothing written (the contiguous copies of strided pairs are dropped)
+  }
+  if (d == 0.0) {  // [exact ends]: the model's values, as copy_ converts them
+    at::_foreach_copy_(ema, model);
+    return;
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < std::min(hi, lo + kAhead); ++w) prefetch_item(work[w]);

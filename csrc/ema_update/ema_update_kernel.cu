@@ -78,12 +78,14 @@ struct EmaOp {
   typename Dev<M>::Op omd;
   O w;  // 1 - d for lerp
   bool lerp;
+  bool copy;  // [exact ends] (nonfinite.h): decay 0 writes the model's values, converted as copy_ converts them
 
   __device__ __forceinline__ EmaOp(double dd, bool lerp_)
       : d(static_cast<typename Dev<E>::Op>(dd)), omd(static_cast<typename Dev<M>::Op>(1.0 - dd)),
-        w(static_cast<O>(1.0 - dd)), lerp(lerp_) {}
+        w(static_cast<O>(1.0 - dd)), lerp(lerp_), copy(dd == 0.0) {}
 
   __device__ __forceinline__ E operator()(E e, M m) const {
+    if (copy) return Dev<E>::down(Dev<M>::up(m));
     if constexpr (kOneRounding) {
       const O v = Dev<E>::up(e), x = static_cast<O>(Dev<M>::up(m));
       return Dev<E>::down(lerp ? ema_lerp<O>(v, x, w) : ema_yolov5<O>(v, x, static_cast<O>(d), static_cast<O>(omd)));
@@ -167,14 +169,17 @@ __device__ __noinline__ bool slice_nonfinite(const void* m, int64_t n, EmaDtype 
 }
 
 // Each block tests its chunk of the model (and the decay); the first block to find a NaN/Inf or a decay out of
-// [0, 1] sets guard[0] (zeroed before the launch) and counts the skip in guard[1].
+// [0, 1] sets guard[0] (zeroed before the launch) and counts the skip in guard[1]. A decay of exactly 1 checks
+// nothing: [exact ends] (nonfinite.h).
 template <int CAP>
 __global__ void __launch_bounds__(kThreads)
-nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double,
+nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval,
                  unsigned long long* guard) {
+  const double dd = read_decay(dptr, d_is_double, dval);
+  if (dd == 1.0) return;  // [exact ends]: nothing checked, guard[0] stays 0
   const EmaSlice s = slice_of(t);
   bool hit = slice_nonfinite(s.m, s.n, model_dtype_of(s.kind));
-  if (threadIdx.x == 0 && dptr != nullptr) hit |= !decay_ok(read_decay(dptr, d_is_double, 0.0));
+  if (threadIdx.x == 0) hit |= !decay_ok(dd);
   if (__syncthreads_or(hit) && threadIdx.x == 0 && atomicCAS(&guard[0], 0ull, 1ull) == 0ull) atomicAdd(&guard[1], 1ull);
 }
 
@@ -195,7 +200,7 @@ ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_
   if (skip != nullptr && *skip) return;  // the guard found a NaN/Inf or a bad decay: nothing is written
   // decay read on the device: no host sync, and a captured graph sees the tensor's current value
   const double dd = read_decay(dptr, d_is_double, dval);
-  if (!decay_ok(dd)) return;  // [decay tensor]
+  if (!decay_ok(dd) || dd == 1.0) return;  // [decay tensor]; [exact ends]: 1 writes nothing
   ema_slice(slice_of(t), dd, lerp);
 }
 
@@ -218,7 +223,7 @@ cudaError_t launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp,
   if (g != nullptr) {  // every table's check before any table's update: the whole EMA or nothing
     const cudaError_t err =
         pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
-          nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, g);
+          nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, g);
         });
     if (err != cudaSuccess) return err;
   }
