@@ -13,7 +13,7 @@ import torch.nn as nn
 from conftest import assert_untouched, snapshot
 
 import torchutils_ext as tx
-from torchutils_ext import _ops, _reference
+from torchutils_ext import _ops, _torch_ops
 
 
 def net(dtype=torch.float32):
@@ -342,13 +342,13 @@ def test_device_path_of_the_twin_selects_the_ends(monkeypatch):
         e[0][2] = float('nan')
         want = snapshot(e)
         monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: False)
-        _reference.ema_update_(want, m, d)  # the host branch
+        _torch_ops.ema_update_(want, m, d)  # the host branch
         monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
         guard = torch.zeros(2, dtype=torch.int64)
-        _reference.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(d, dtype=torch.float64), 'yolov5')
+        _torch_ops.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(d, dtype=torch.float64), 'yolov5')
         assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(e, want)), d
         guard.zero_()
-        _reference.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(d, dtype=torch.float64), 'yolov5', guard)
+        _torch_ops.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(d, dtype=torch.float64), 'yolov5', guard)
         assert guard.tolist() == ([0, 0] if d == 1.0 else [1, 1])  # inf in the model: skipped unless decay 1
 
 

@@ -335,8 +335,8 @@ def test_watch_rejects_bad_construction():
     model = net()
     ema = copy.deepcopy(model)
     layout = _ema_plan.Layout(ema, model)
-    args = [layout.ema_ref, layout.model_ref, layout.fast, layout.full, _ema_plan.GENERATION, len(layout.values)]
-    for k, bad in ((0, ema), (2, tuple(layout.fast)), (4, [0, 1]), (5, -1), (2, [(None, 'x', -1, 9, None)]),
+    args = [layout.ema_ref, layout.model_ref, layout.every_step, layout.full, _ema_plan.GENERATION, len(layout.values)]
+    for k, bad in ((0, ema), (2, tuple(layout.every_step)), (4, [0, 1]), (5, -1), (2, [(None, 'x', -1, 9, None)]),
                    (2, [(ema._modules, '0', -1, _ema_plan.EDGE, ema[0])])):
         with pytest.raises((TypeError, ValueError)):
             _ops._C.watch_new(*args[:k], bad, *args[k + 1:])
@@ -354,7 +354,7 @@ def test_plan_crossing_rejects_bad_input():
     ema = copy.deepcopy(model)
     before = copy.deepcopy(ema.state_dict())
     layout = _ema_plan.Layout(ema, model)
-    watch = _ops._C.watch_new(layout.ema_ref, layout.model_ref, layout.fast, layout.full, _ema_plan.GENERATION,
+    watch = _ops._C.watch_new(layout.ema_ref, layout.model_ref, layout.every_step, layout.full, _ema_plan.GENERATION,
                               len(layout.values))
     groups = [(list(es), list(ms)) for es, ms in layout.groups]
     args = [watch, ema, model, groups, ([], []), 'yolov5']

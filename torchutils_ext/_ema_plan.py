@@ -9,7 +9,7 @@ state was added) and nothing was written, so the owner builds a new plan. ``deca
 - ``CompiledPlan``: the step is one call into C++ (``_C.ema_plan_step``): the state watch (NOTE [state watch] in
   ``csrc/python/watch.h``) proves both trees unchanged and hands over their tensors, then the device kernels run.
 - ``TorchPlan``: the same watch (its C++ form when the library is built, else ``Layout.read``, the Python twin)
-  and the pure-torch update (``_reference``), for devices or installs without the compiled kernels, and for
+  and the pure-torch update (``_torch_ops``), for devices or installs without the compiled kernels, and for
   ``TORCHUTILS_EXT_BACKEND=torch``.
 - ``FreshListsPlan``: sharded (FSDP2 DTensor) models, whose local shards are handed to the stateless
   ``_ops.ema_update_``; also the plan built while ``torch.compile`` traces, which cannot trace into C++.
@@ -27,7 +27,7 @@ from operator import getitem, itemgetter
 import torch
 import torch.nn as nn
 
-from . import _ops, _reference
+from . import _ops, _torch_ops
 from ._validate import check_decay, check_ema_args, check_guard
 
 _C = _ops._C
@@ -128,7 +128,7 @@ class Layout:
         self.watching = watch
         self.ema_ref, self.model_ref = (weakref.ref(ema, self._died), weakref.ref(model, self._died)) if watch \
             else (lambda: ema, lambda: model)
-        self.fast, self.full, self.values, self.owner = [], [], [], None
+        self.every_step, self.full, self.values, self.owner = [], [], [], None
         self.generation = GENERATION[0]
         self.buffer_keys = set()
         ema_keys = self._watch_ema(ema)
@@ -187,7 +187,7 @@ class Layout:
     def _watch_ema(self, ema):
         """Entries for every EMA slot and edge, and {state_dict key: slot} of its tensors (a tied tensor once)."""
         holds, seen, keys = _stateful(), {}, {}
-        fast, full = self.fast, self.full
+        every_step, full = self.every_step, self.full
         for prefix, m in ema.named_modules():
             pre = prefix + '.' if prefix else ''
             kids, nps = m._modules, getattr(m, '_non_persistent_buffers_set', None)
@@ -202,15 +202,15 @@ class Layout:
                 ref = weakref.ref(child) if self.watching else None
                 self._add(full, kids, name, EDGE, ref)
                 if holds(child):
-                    self._add(fast, kids, name, EDGE, ref, len(kids))
+                    self._add(every_step, kids, name, EDGE, ref, len(kids))
             for box, name, v in _persistent(m):
                 if v is None:
-                    self._add(fast, box, name, NONE, size=len(box))
+                    self._add(every_step, box, name, NONE, size=len(box))
                 elif id(v) in seen:  # tied weights: updated once
-                    self._add(fast, box, name, SAME, seen[id(v)], len(box))
+                    self._add(every_step, box, name, SAME, seen[id(v)], len(box))
                 else:
                     s = seen[id(v)] = keys[pre + name] = self._slot(v)
-                    self._add(fast, box, name, TENSOR, s, len(box))
+                    self._add(every_step, box, name, TENSOR, s, len(box))
                     if box is not m._parameters:
                         self.buffer_keys.add(pre + name)
         return keys
@@ -223,7 +223,7 @@ class Layout:
             pre = prefix + '.' if prefix else ''
             for name, child in m._modules.items():
                 if child is not None and holds(child):
-                    self._add(self.fast, m._modules, name, EDGE, weakref.ref(child) if self.watching else None)
+                    self._add(self.every_step, m._modules, name, EDGE, weakref.ref(child) if self.watching else None)
             for box, name, v in _persistent(m):
                 if v is not None and pre + name in wanted:
                     found[pre + name] = (box, name, v)
@@ -232,14 +232,14 @@ class Layout:
     def _model_slot(self, entry):
         box, name, v = entry
         s = self._slot(v)
-        self._add(self.fast, box, name, TENSOR, s)
+        self._add(self.every_step, box, name, TENSOR, s)
         return s
 
     # -- lifetime
 
     def _died(self, _ref):  # the EMA or the model was deleted: let go of what they held
         owner = self.owner() if self.owner is not None else None
-        self.fast = self.full = self.values = None
+        self.every_step = self.full = self.values = None
         if owner is not None:
             owner.release()
 
@@ -251,15 +251,15 @@ class Layout:
 
     def read(self, ema, model):
         """The slots' tensors now, or None when anything changed (NOTE [state watch])."""
-        fast = self.fast
-        if fast is None or self.ema_ref() is not ema or self.model_ref() is not model:
+        every_step = self.every_step
+        if every_step is None or self.ema_ref() is not ema or self.model_ref() is not model:
             return None
         if self.generation != GENERATION[0]:
             if not self._walk(self.full, None):
                 return None
             self.generation = GENERATION[0]
         now = [None] * len(self.metas)
-        return now if self._walk(fast, now) else None
+        return now if self._walk(every_step, now) else None
 
     def _walk(self, entries, now):
         metas = self.metas
@@ -391,10 +391,10 @@ class TorchPlan(FreshListsPlan):
                   for es, ms in layout.groups]
         for es, ms in groups:
             check_ema_args(es, ms, 0.5, None, mode)
-        self.batches = [_reference.EmaGroups(es, ms) for es, ms in groups]
+        self.batches = [_torch_ops.EmaGroups(es, ms) for es, ms in groups]
         self.watch = None
         if _C is not None:
-            self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.fast, layout.full, GENERATION,
+            self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.every_step, layout.full, GENERATION,
                                       len(layout.values))
         super().__init__(layout, mode)
 
@@ -430,7 +430,7 @@ class CompiledPlan(FreshListsPlan):
 
     def __init__(self, layout, mode):
         ema, model = layout.ema_ref(), layout.model_ref()
-        self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.fast, layout.full, GENERATION,
+        self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.every_step, layout.full, GENERATION,
                                   len(layout.values))
         self.handle = _C.ema_plan_new(self.watch, ema, model, [(list(es), list(ms)) for es, ms in layout.groups],
                                       (list(layout.copies[0]), list(layout.copies[1])), mode)

@@ -1,7 +1,7 @@
 """Loads the compiled ops and picks a backend per call; the fake kernels live in ``_fake``.
 
 Backend per call: the compiled op when the library loaded and has a kernel for the tensors' device, else the
-pure-torch twin in ``_reference``. ``TORCHUTILS_EXT_BACKEND=auto|ext|torch`` (or ``set_backend``/``use_backend``)
+pure-torch twin in ``_torch_ops``. ``TORCHUTILS_EXT_BACKEND=auto|ext|torch`` (or ``set_backend``/``use_backend``)
 forces it; ``ext`` raises when the compiled op cannot serve.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import _cuda_arch, _reference, _validate
+from . import _cuda_arch, _torch_ops, _validate
 from ._load import build_info, load_compiled
 from ._validate import check_guard, new_biases, tensor_list
 
@@ -133,7 +133,7 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, guard=None) -> None:
             else:
                 _lib.ema_update_.Scalar(ema, model, d, mode, guard)
         else:
-            _reference.ema_update_(ema, model, decay, mode, guard)
+            _torch_ops.ema_update_(ema, model, decay, mode, guard)
 
 
 def count_zeros(tensors) -> torch.Tensor:
@@ -143,7 +143,7 @@ def count_zeros(tensors) -> torch.Tensor:
     with torch.no_grad():
         if tensors and use_ext('count_zeros', _device_of(tensors)):
             return _lib.count_zeros(tensors)
-        return _reference.count_zeros(tensors)
+        return _torch_ops.count_zeros(tensors)
 
 
 def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups, inplace=False):
@@ -162,5 +162,5 @@ def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_gr
                 _lib.fold_conv_bn_(weight, out_b, *args)
                 return list(weight), out_b
             return _lib.fold_conv_bn(weight, *args)
-        return _reference.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
+        return _torch_ops.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
                                        inplace=inplace)

@@ -17,7 +17,7 @@ from ._ema_plan import ModelStructureError, is_dtensor, local, make_plan
 from ._ema_schedule import (Constant, DecayTable, HalfLife, SeedRamp, Warmup, device_decay, make_phases,
                             make_schedule)
 from ._ema_swap import swap_weights
-from ._reference import has_float64
+from ._torch_ops import has_float64
 from ._validate import check_mode
 from .distributed import de_parallel
 from .training import copy_attr

@@ -1,5 +1,5 @@
 // NOTE: [fold math] The per-channel math of folding BatchNorm into the preceding layer, shared by the CPU and
-// CUDA kernels; the pure-torch twin (_reference.scale_shift_all) keeps the same operation order. Each operation
+// CUDA kernels; the pure-torch twin (_torch_ops.scale_shift_all) keeps the same operation order. Each operation
 // rounds once in O (float for fp32/fp16/bf16 weights, double for fp64; see [separate roundings] in
 // common/rounding.h): scale = bn_w / sqrt(var + eps), then shift = (bias - mean) * scale (+ bn_b), then each
 // weight element times its channel's scale. Division and sqrt are IEEE (correctly rounded) on both devices.

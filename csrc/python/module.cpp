@@ -26,7 +26,7 @@ PyObject* ema_pair_rule(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"watch_new", watch_new, METH_VARARGS,
-     "watch_new(ema_ref, model_ref, fast, full, generation, slots) -> watch (see NOTE [state watch])"},
+     "watch_new(ema_ref, model_ref, every_step, full, generation, slots) -> watch (see NOTE [state watch])"},
     {"watch_read", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(watch_read)), METH_FASTCALL,
      "watch_read(watch, ema_module, model_module) -> the slots' tensors now, or None when something changed"},
     {"ema_plan_new", ema_plan_new, METH_VARARGS,

@@ -75,24 +75,24 @@ std::vector<StateWatch::Entry> parse(PyObject* list, std::vector<Ref>& held, con
 
 }  // namespace
 
-StateWatch::StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* fast, PyObject* full,
+StateWatch::StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* every_step, PyObject* full,
                        PyObject* generation, Py_ssize_t slots)
     : ema_ref_(ema_ref), model_ref_(model_ref), generation_(generation) {
   TORCH_CHECK_TYPE(PyWeakref_CheckRef(ema_ref) && PyWeakref_CheckRef(model_ref),
                    "watch_new: the two modules are passed as weakrefs");
   TORCH_CHECK_TYPE(PyList_Check(generation) && PyList_GET_SIZE(generation) == 1,
                    "watch_new: generation must be a one-element list");
-  fast_ = parse(fast, held_, "fast");
+  every_step_ = parse(every_step, held_, "every_step");
   full_ = parse(full, held_, "full");
   seen_generation_ = PyLong_AsLongLong(PyList_GET_ITEM(generation, 0));
   if (seen_generation_ == -1 && PyErr_Occurred()) throw python_error();
   seen_.resize(slots);
-  for (const Entry& e : fast_) {
+  for (const Entry& e : every_step_) {
     TORCH_CHECK_VALUE(e.kind != kTensor || (e.slot >= 0 && e.slot < slots), "watch_new: slot out of range");
     TORCH_CHECK_VALUE(e.kind != kSame || (e.slot >= 0 && e.slot < slots), "watch_new: slot out of range");
   }
   // record each slot's tensor as it is now
-  for (const Entry& e : fast_) {
+  for (const Entry& e : every_step_) {
     if (e.kind != kTensor) continue;
     bool error = false;
     PyObject* obj = lookup(e.box, e.key, &error);
@@ -185,7 +185,7 @@ int StateWatch::read(PyObject* ema, PyObject* model, std::vector<PyObject*>& out
     seen_generation_ = generation;
   }
   out.resize(seen_.size());  // every slot is written by its kTensor entry
-  return walk(fast_, &out);
+  return walk(every_step_, &out);
 }
 
 StateWatch* watch_from(PyObject* capsule) {
@@ -198,13 +198,13 @@ StateWatch* watch_from(PyObject* capsule) {
 
 PyObject* watch_new(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *ema_ref, *model_ref, *fast, *full, *generation;
+  PyObject *ema_ref, *model_ref, *every_step, *full, *generation;
   Py_ssize_t slots;
-  if (!PyArg_ParseTuple(args, "OOO!O!O!n", &ema_ref, &model_ref, &PyList_Type, &fast, &PyList_Type, &full,
+  if (!PyArg_ParseTuple(args, "OOO!O!O!n", &ema_ref, &model_ref, &PyList_Type, &every_step, &PyList_Type, &full,
                         &PyList_Type, &generation, &slots))
     return nullptr;
   TORCH_CHECK_VALUE(slots >= 0, "watch_new: slots must be >= 0");
-  auto* watch = new StateWatch(ema_ref, model_ref, fast, full, generation, slots);
+  auto* watch = new StateWatch(ema_ref, model_ref, every_step, full, generation, slots);
   PyObject* capsule = PyCapsule_New(watch, kName, destroy);
   if (capsule == nullptr) delete watch;
   return capsule;

@@ -1,4 +1,5 @@
-"""Pure-torch twins of the compiled ops: the fallback on CPU/MPS/any device, and the tests' second opinion.
+"""The pure-torch backend: one twin per compiled op, the path on CPU/MPS/any device without the built library.
+Tuned, not an oracle: the tests compare both backends with their own float64 references.
 
 Each function has the same contract and numerics as its compiled op (same rounding steps, no FMA), built on
 the fastest torch primitives (``torch._foreach_*``, broadcasting, ``count_nonzero``).
