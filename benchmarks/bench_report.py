@@ -3,10 +3,13 @@ import json
 import os
 
 import bench_chart
+import bench_train_table
 from bench_targets import SAME_NUMERICS, evaluate, evaluate_threaded
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
+TITLES = {'train': 'YOLOv5 v7.0 training step (fp32)',
+          'train-bf16': 'YOLOv5 v7.0 training step (bf16 autocast, fp32 model and EMA)',
+          'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (bf16 model, fp32 EMA)',
           'fuse': 'Conv+BN fusion, every pair of the model', 'sparsity': 'sparsity(model)',
           'fuse-graph': 'Conv/Linear+BN fusion of models wired in forward() (graph rule; tracing included)',
           'raw-ema': 'Raw ema_update_ on lists past the caches (128 x 256 KiB fp32 EMA + the same model)',
@@ -15,10 +18,16 @@ TITLES = {'ema': 'EMA update (fp32 model, fp32 EMA)', 'ema-mixed': 'EMA update (
           'ul-fuse': "Ultralytics' BaseModel.fuse vs ours (enable_for_ultralytics)"}
 
 
-def _stem(device, quick, threads=None):
-    """results/<device>[-quick][-t<threads>]: one run's tables; without threads, the side-by-side tables (or the
-    tables of a run at one thread count)."""
-    return os.path.join(RESULTS_DIR, f"{device}{'-quick' if quick else ''}{'' if threads is None else f'-t{threads}'}")
+def _stem(device, quick, threads=None, prefix=''):
+    """results/[prefix]<device>[-quick][-t<threads>]: one run's tables; without threads, the side-by-side tables
+    (or the tables of a run at one thread count)."""
+    return os.path.join(RESULTS_DIR, f"{prefix}{device}{'-quick' if quick else ''}"
+                                     f"{'' if threads is None else f'-t{threads}'}")
+
+
+def _prefix(rows):
+    """'train_step_' for a run of the training step alone: its files must not replace the full tables."""
+    return 'train_step_' if rows and all(r['bench'].startswith('train') for r in rows) else ''
 
 
 class Report:
@@ -27,18 +36,18 @@ class Report:
         self.device, self.quick, self.info, self.per_count = device, quick, info, per_count
         self.rows, self.roof, self.roof_runs = [], None, None
 
-    @staticmethod
-    def remove(device, quick, threads):
+    def remove_count(self, threads):
+        """Deletes this run's tables at another thread count (a stale one must not be merged if that run fails)."""
         for ext in ('.json', '.md', '.svg'):
-            path = _stem(device, quick, threads) + ext
+            path = _stem(self.device, self.quick, threads, _prefix(self.rows)) + ext
             if os.path.exists(path):
                 os.remove(path)
 
-    def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note=''):
+    def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note='', **extra):
         """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours' | 'limit' (a bandwidth yardstick,
-        not a competitor). timing None = row not run."""
+        not a competitor). timing None = row not run. extra: a bench's own columns (the training step's)."""
         row = {'bench': bench, 'model': model, 'impl': impl, 'role': role, 'bytes': bytes_moved,
-               'launches': launches, 'check': check, 'note': note}
+               'launches': launches, 'check': check, 'note': note, **extra}
         row.update(timing or {'median_ms': None})
         self.rows.append(row)
         return row
@@ -57,7 +66,7 @@ class Report:
             limit = next((r['median_ms'] for r in group if r['role'] == 'limit'), None)
             for r in group:
                 t = r['median_ms']
-                r['vs_seed'] = seed / t if seed else None
+                r['vs_seed'] = r.get('paired_vs_seed') or (seed / t if seed else None)  # a bench's own pairing
                 r['vs_best'] = best / t if best else None
                 r['vs_peer'] = twin / t if twin else None
                 r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
@@ -88,6 +97,9 @@ class Report:
             rows = [r for r in self.rows if r['bench'] == bench]
             if not rows:
                 continue
+            if bench.startswith('train'):
+                lines += [f'## {title}', ''] + bench_train_table.markdown(rows) + ['']
+                continue
             lines += [f'## {title}', '', '| ' + ' | '.join(cols[i] for i in keep) + ' |', '|' + '---|' * len(keep)]
             for r in rows:
                 cells = _cells(r)
@@ -97,7 +109,7 @@ class Report:
 
     def write(self):
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        stem = _stem(self.device, self.quick, self.info['threads'] if self.per_count else None)
+        stem = _stem(self.device, self.quick, self.info['threads'] if self.per_count else None, _prefix(self.rows))
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': self.info, 'quick': self.quick, 'roofline': self.roof,
                        'roofline_runs': self.roof_runs, 'rows': self.rows},
@@ -146,12 +158,12 @@ def side_by_side(first, other_counts, default):
     (the chart: the default count's). Returns (markdown, stem)."""
     runs = [{'machine': first.info, 'roofline': first.roof, 'rows': first.rows}]
     for n in other_counts:
-        path = _stem(first.device, first.quick, n) + '.json'
+        path = _stem(first.device, first.quick, n, _prefix(first.rows)) + '.json'
         if os.path.exists(path):
             with open(path) as f:
                 runs.append(json.load(f))
     md = _side_by_side_markdown(first.device, first.quick, runs, default)
-    stem = _stem(first.device, first.quick)
+    stem = _stem(first.device, first.quick, None, _prefix(first.rows))
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(stem + '.json', 'w') as f:
         json.dump({'quick': first.quick, 'default_threads': default, 'runs': runs}, f, indent=1, default=str)
@@ -170,6 +182,7 @@ def side_by_side(first, other_counts, default):
 
 def _side_by_side_markdown(device, quick, runs, default):
     counts = [r['machine']['threads'] for r in runs]
+    prefix = _prefix(runs[0]['rows'])
     keyed = [{(r['bench'], r['model'], r['impl']): r for r in run['rows']} for run in runs]
     at = counts.index(default) if default in counts else len(counts) - 1  # the count the threaded targets use
     i = runs[0]['machine']
@@ -178,7 +191,7 @@ def _side_by_side_markdown(device, quick, runs, default):
              f"{i['date']} · commit {i.get('commit', 'unknown')} · CPU: {i['cpu']} ({i['cpu_count']} logical) · "
              f"torch {i['torch']} · torchutils_ext {i.get('torchutils_ext')}", '',
              'Each thread count timed in a process of its own (rows interleaved within it, as in each count\'s '
-             'full table: ' + ', '.join(f"`{os.path.basename(_stem(device, quick, n))}.md`" for n in counts) +
+             'full table: ' + ', '.join(f"`{os.path.basename(_stem(device, quick, n, prefix))}.md`" for n in counts) +
              ', with min–max, % roofline and % limit). x seed / x best: speed-up over the seed / over the fastest '
              'correct row that is not ours, at the same thread count. ' +
              ' '.join(f'x {counts[0]}→{n}: the row\'s own speed-up from {counts[0]} to {n} threads.' for n in counts[1:]) +
@@ -226,7 +239,7 @@ def rerender(json_path):
     """Tables and chart again from a run's json (after a change to the report's layout; nothing is re-timed)."""
     with open(json_path) as f:
         d = json.load(f)
-    device = 'cuda' if os.path.basename(json_path).startswith('cuda') else 'cpu'
+    device = 'cuda' if 'cuda' in os.path.basename(json_path) else 'cpu'
     if 'runs' in d:  # side by side: re-rendered from the counts' rows as stored
         stem = os.path.splitext(json_path)[0]
         with open(stem + '.md', 'w') as f:

@@ -35,6 +35,8 @@ def pytest_addoption(parser):
     g.addoption('--models', default=None,
                 help='comma list of YOLOv5 sizes n,s,m,l,x and, with ultralytics, yaml names '
                      '(default n,s,m,l + yolov8n,yolo11n when ultralytics is importable)')
+    g.addoption('--train-models', default=None,
+                help='YOLOv5 sizes for the training-step benchmark (default n,s; with --quick n)')
     g.addoption('--quick', action='store_true', help='few repeats: a smoke run that every row executes and agrees')
     g.addoption('--device', default='cpu', choices=('cpu', 'cuda'), help='device to benchmark on')
     g.addoption('--threads', default=None,
@@ -75,6 +77,9 @@ def _models(config):
 def pytest_generate_tests(metafunc):
     if 'model_name' in metafunc.fixturenames:
         metafunc.parametrize('model_name', _models(metafunc.config))
+    if 'train_model' in metafunc.fixturenames:  # steps are long: n and s only unless asked
+        opt = metafunc.config.getoption('--train-models') or ('n' if metafunc.config.getoption('--quick') else 'n,s')
+        metafunc.parametrize('train_model', [m.strip() for m in opt.split(',') if m.strip()])
 
 
 class Cfg:
@@ -132,7 +137,7 @@ def pytest_sessionfinish(session):
     if others:
         tr = session.config.pluginmanager.get_plugin('terminalreporter')
         for spec in others:  # a stale table of that count must not be merged if its run fails
-            Report.remove(cfg.device, cfg.quick, bench_threads.resolve(spec))
+            r.remove_count(bench_threads.resolve(spec))
         failed = bench_threads.run_other_counts(session.config, others, tr.write_line if tr else print)
         if failed:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (no network, torch and a CUDA toolkit preinstalled), in two parts:
 #   bash benchmarks/gpu_check.sh quick            build for the visible GPU, the CUDA tests, the latency probe
-#   bash benchmarks/gpu_check.sh bench [s,l,x]    the CUDA benchmark tables (after quick, on the same machine)
+#   bash benchmarks/gpu_check.sh bench [s,l,x]    the training step (yolov5n/s, fp32 and bf16), then the CUDA
+#                                                 benchmark tables (after quick, on the same machine)
 # quick fits 6 minutes by construction: each step runs under its own timeout (build 130 s, the op tests on CUDA
 # 95 s, the capture tests 40 + 45 s, the probe 40 s: 350 s in all; a step out of time is interrupted, and pytest
 # still prints what ran), a failed step does not stop the next, and nothing is rerun. Everything goes to $OUT (default
 # benchmarks/results/gpu): summary.txt (one screen: each step's result and its failures), one log per step,
-# and check.log (the summary, then every step's log). Old results are deleted first; each log starts with a
-# stamp (commit, time, torch, CUDA, GPU), so figures from an earlier run can never come back looking new.
+# and check.log (the summary, then every step's log); bench writes bench.log, train_step_cuda.{md,json} and the
+# fresh cuda.{md,json,svg}. Old results are deleted first; each log starts with a stamp (commit, time, torch,
+# CUDA, GPU), so figures from an earlier run can never come back looking new.
 # Without a GPU (a dry run) the build targets sm_90, the CUDA test cases skip and the probe is skipped.
 # COMMIT=<sha> names the commit where the copy has no .git.
 set -uo pipefail
@@ -75,10 +77,16 @@ quick)
   ;;
 bench)
   LOG="$OUT/bench.log"
-  rm -f "$LOG" "$OUT"/cuda*.md "$OUT"/cuda*.json "$OUT"/cuda*.svg benchmarks/results/cuda*.md \
-    benchmarks/results/cuda*.json benchmarks/results/cuda*.svg
+  rm -f "$LOG" "$OUT"/cuda*.{md,json,svg} "$OUT"/train_step_cuda*.{md,json,svg} \
+    benchmarks/results/cuda*.{md,json,svg} benchmarks/results/train_step_cuda*.{md,json,svg}
   stamp > "$LOG"
-  timeout 420 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider >> "$LOG" 2>&1
+  # YOLOv5's training step, seed vs ours, first and on its own: short, and its table survives a timeout below.
+  # It needs the yolov5 package (YOLOV5_CLIENT=1 in scripts/_install.sh); without it the log says skipped.
+  timeout 150 $PY -m pytest benchmarks/test_bench_train_step.py --device cuda -q -rs -p no:cacheprovider >> "$LOG" 2>&1
+  echo "train-step rc=$?" >> "$LOG"
+  cp benchmarks/results/train_step_cuda.* "$OUT/" 2>/dev/null  # a run of the training step alone: its own files
+  timeout 420 $PY -m pytest benchmarks/ --device cuda --models "$MODELS" -q -p no:cacheprovider \
+    --ignore=benchmarks/test_bench_train_step.py >> "$LOG" 2>&1
   echo "benchmark rc=$?" >> "$LOG"
   grep -E '^\||^#|passed|failed|error|rc=' "$LOG" | tail -60
   # only what this run wrote (deleted above); their headers carry the date, commit, torch, CUDA and GPU

@@ -15,7 +15,7 @@ import harness
 import seed_ref as S
 from bench_checks import flatten_outputs, fused_reference, rel_err
 
-W_TOL = 1e-5  # DESIGN: fused outputs within 1e-5 relative of the float64 fold
+W_TOL = 1e-5  # the target: fused outputs within 1e-5 relative of the float64 fold
 OUT_TOL = 1e-4  # whole-model output vs float64 unfused forward (fp32 through ~60 conv layers)
 
 

@@ -13,7 +13,7 @@ def test_param_count_within_5pct(size):
 
 def test_structure_and_forward():
     m = Y.build_yolov5('s')
-    # yolov5s: 57 Conv blocks -> 292 floating state_dict entries (the EMA's tensor count in DESIGN §4)
+    # yolov5s: 57 Conv blocks -> 292 floating state_dict entries (the EMA's tensor count per step)
     assert sum(isinstance(b, Y.Conv) for b in m.modules()) == 57
     assert sum(v.dtype.is_floating_point for v in m.state_dict().values()) == 292
     blk = m.model[0]

@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchutils_ext, m) {
+  // the fake (meta) kernels of every op below are registered from this Python module
+  m.set_python_module("torchutils_ext._fake");
   // ema[i] = d * ema[i] + (1 - d) * model[i] for every i; the decay a float, or a 0-d float32/float64 tensor
   // read on the device (no host sync, and a captured graph sees its current value; see [decay tensor] in
   // ema_update/ema_args.h for the values it may hold). NOTE: the mode is named

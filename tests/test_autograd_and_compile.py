@@ -49,8 +49,8 @@ def test_wrappers_bump_versions(backend, op):
 def _raw_ema(e, m):
     if _ops.COMPILED:
         return torch.ops.torchutils_ext.ema_update_(e, m, 0.5, 'yolov5')
-    from torchutils_ext import _reference
-    return _reference.ema_update_(e, m, 0.5, 'yolov5')
+    from torchutils_ext import _torch_ops
+    return _torch_ops.ema_update_(e, m, 0.5, 'yolov5')
 
 
 def test_raw_op_refuses_what_torch_in_place_ops_refuse():

@@ -5,6 +5,7 @@ Every op test (dtypes, strides, bad input, the guard, the plan) runs on CUDA too
 (tests/conftest.py). Skipped (each with the reason) on machines without a GPU; benchmarks/gpu_check.sh runs them
 on a lent GPU.
 """
+import copy
 import functools
 
 import pytest
@@ -263,27 +264,34 @@ def _train_step(model, opt, ema, x, y, set_to_none=False):
     ema.update(model)
 
 
-def test_capturable_ema_in_a_captured_training_step():
-    """Forward, backward, Adam(capturable) and ModelEMA(capturable, skip_nonfinite) captured in one CUDA graph:
-    3 eager warm-up steps + 5 replays equal 8 eager steps bit for bit, and the counter advanced on the device."""
-    g = torch.Generator(device='cuda').manual_seed(1)
+def _eager_and_captured(make_eager, make_captured, warm, replays, seed):
+    """warm + replays eager training steps, and the same count as warm eager steps then graph replays of one
+    captured step: (eager parts, captured parts), synchronised."""
+    g = torch.Generator(device='cuda').manual_seed(seed)
     x, y = torch.randn(8, 16, device='cuda', generator=g), torch.randn(8, 4, device='cuda', generator=g)
-    eager = _train_parts()
-    for _ in range(8):
+    eager = make_eager()
+    for _ in range(warm + replays):
         _train_step(*eager, x, y)
-    captured = _train_parts()
+    captured = make_captured()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
+        for _ in range(warm):
             _train_step(*captured, x, y)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _train_step(*captured, x, y)
-    for _ in range(5):
+    for _ in range(replays):
         graph.replay()
     torch.cuda.synchronize()
+    return eager, captured
+
+
+def test_capturable_ema_in_a_captured_training_step():
+    """Forward, backward, Adam(capturable) and ModelEMA(capturable, skip_nonfinite) captured in one CUDA graph:
+    3 eager warm-up steps + 5 replays equal 8 eager steps bit for bit, and the counter advanced on the device."""
+    eager, captured = _eager_and_captured(_train_parts, _train_parts, warm=3, replays=5, seed=1)
     assert captured[2].updates == eager[2].updates == 8 and captured[2].skipped == 0
     for (k, a), b in zip(captured[2].ema.state_dict().items(), eager[2].ema.state_dict().values()):
         assert torch.equal(a, b), k
@@ -372,3 +380,84 @@ def test_guard_on_cuda_matches_cpu(edt, mdt):
     before = [t.clone() for t in ge]
     _ops.ema_update_(ge, gm, 0.9993, guard=guard)
     assert guard.tolist() == [1, 1] and all(torch.equal(a, b) for a, b in zip(ge, before))
+
+
+@pytest.mark.parametrize('decay', [0.0, 1.0])
+@pytest.mark.parametrize('where', ['float', 'cuda tensor'])
+def test_exact_ends_match_the_cpu_kernel(decay, where):
+    """[exact ends] on CUDA, every dtype pair: decay 1 leaves every bit (Inf in the model), decay 0 gives copy_'s
+    bits (Inf/NaN in the EMA, -0.0 in the model), the same as the CPU kernel and as torch's copy_ on CUDA."""
+    ema, model = _every_pair_lists(13)
+    for e, m in zip(ema, model):
+        if e.numel() > 3:
+            e[0], e[1], m[2], m[3] = float('inf'), float('nan'), -0.0, float('inf')
+    cpu_e, cpu_m = [e.cpu() for e in ema], [m.cpu() for m in model]
+    d = decay if where == 'float' else torch.tensor(decay, dtype=torch.float64, device='cuda')
+    want = [e.clone() if decay == 1.0 else e.clone().copy_(m) for e, m in zip(ema, model)]
+    guard = torch.zeros(2, dtype=torch.int64, device='cuda')
+    with tx.use_backend('ext'):
+        _ops.ema_update_(ema, model, d, guard=guard if decay == 1.0 else None)
+        _ops.ema_update_(cpu_e, cpu_m, decay)
+    for e, c, w in zip(ema, cpu_e, want):
+        assert torch.equal(e.cpu().view(-1).view(torch.uint8), c.view(-1).view(torch.uint8)), (e.dtype, e.numel())
+        assert torch.equal(e.view(-1).view(torch.uint8), w.view(-1).view(torch.uint8))
+    if decay == 1.0:
+        assert guard.tolist() == [0, 0]  # nothing checked, nothing counted, though the model holds an Inf
+
+
+def _options_parts(device, capturable):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.SiLU(), nn.Linear(32, 4)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=capturable)
+    return model, opt, tx.ModelEMA(model, schedule='warmup', decay=0.99, update_every_n_steps=3,
+                                   update_after_step=1, buffers='copy', capturable=capturable,
+                                   skip_nonfinite=True)
+
+
+def test_options_captured_in_a_graph_match_eager():
+    """Warm-up schedule, a copy phase, every third step and copied buffers, all decided on the device: 4 eager
+    steps + 8 graph replays equal 12 eager steps of capturable=False bit for bit."""
+    eager, captured = _eager_and_captured(lambda: _options_parts('cuda', False), lambda: _options_parts('cuda', True),
+                                          warm=4, replays=8, seed=3)
+    assert captured[2].updates == eager[2].updates == 12 and captured[2].skipped == 0
+    for (k, a), b in zip(captured[2].ema.state_dict().items(), eager[2].ema.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize('bad_step', [5, 6])
+def test_options_guard_on_cuda_matches_cpu(bad_step):
+    """The same options on CUDA (capturable) and on the CPU (eager), a NaN at step 5 (not a firing step) or 6 (a
+    firing step): the same EMA bits and the same skip count."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.SiLU(), nn.Linear(32, 4))
+    gpu_model = copy.deepcopy(model).cuda()
+    kw = dict(decay=0.9, tau=3, update_every_n_steps=3, update_after_step=0, buffers='copy', skip_nonfinite=True)
+    cpu, gpu = tx.ModelEMA(model, **kw), tx.ModelEMA(gpu_model, capturable=True, **kw)
+    g = torch.Generator().manual_seed(4)
+    for step in range(1, 10):
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.dtype.is_floating_point:
+                    t.add_(torch.randn(t.shape, generator=g) * 0.1)
+            if step == bad_step:
+                model[3].weight[0, 0] = float('nan')
+            gpu_model.load_state_dict(model.state_dict())
+        cpu.update(model)
+        gpu.update(gpu_model)
+        if step == bad_step:
+            with torch.no_grad():
+                model[3].weight[0, 0] = 0.0
+    assert cpu.skipped == gpu.skipped == (1 if bad_step == 6 else 0)
+    for (k, a), b in zip(gpu.ema.state_dict().items(), cpu.ema.state_dict().values()):
+        assert torch.equal(a.cpu(), b), k
+
+
+def test_swap_ema_weights_on_cuda():
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32)).cuda()
+    ema = tx.ModelEMA(model, decay=0.5, tau=1)
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    ema.update(model)
+    own = copy.deepcopy(model.state_dict())
+    with ema.swap_ema_weights(model):
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.ema.state_dict().values()))
+    assert all(torch.equal(own[k], v) for k, v in model.state_dict().items())

@@ -10,7 +10,7 @@ from conftest import assert_untouched, snapshot
 from seed_oracle import SeedEMA
 
 import torchutils_ext as tx
-from torchutils_ext import _ops, _reference
+from torchutils_ext import _ops, _torch_ops
 
 
 def _net(dtype=torch.float32, device='cpu'):
@@ -85,7 +85,7 @@ def test_raw_op_guard_every_dtype(backend, device, edt, mdt):
     ref = snapshot(e)
     _ops.ema_update_(e, m, 0.9, guard=guard)
     assert guard.tolist() == [0, 0]
-    _reference.ema_update_(ref, m, 0.9)
+    _torch_ops.ema_update_(ref, m, 0.9)
     assert all(torch.equal(a, b) for a, b in zip(e, ref))
     for where in (lambda t: t[0].view(-1).__setitem__(299, float('nan')), lambda t: t[1].__setitem__((3, 5), float('inf'))):
         mm = [t.clone() for t in m]
@@ -188,14 +188,14 @@ def test_traced_guard_path_keeps_the_ema_bits(device, monkeypatch):
     e = [torch.randn(50, generator=g).to(device), torch.randn(3, 3, generator=g).to(device)]
     m = [torch.randn(50, generator=g).to(device), torch.randn(3, 3, generator=g).to(device)]
     ref = snapshot(e)
-    _reference.ema_update_(ref, m, 0.75)
+    _torch_ops.ema_update_(ref, m, 0.75)
     bad_m = [m[0], m[1].clone()]
     bad_m[1][1, 1] = float('nan')
     guard = torch.zeros(2, dtype=torch.int64, device=device)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    _reference.EmaGroups(e, m).apply(e, m, 0.75, None, 'yolov5', guard)
+    _torch_ops.EmaGroups(e, m).apply(e, m, 0.75, None, 'yolov5', guard)
     assert all(torch.equal(a, b) for a, b in zip(e, ref)) and guard.tolist() == [0, 0]
-    _reference.EmaGroups(e, bad_m).apply(e, bad_m, 0.75, None, 'yolov5', guard)
+    _torch_ops.EmaGroups(e, bad_m).apply(e, bad_m, 0.75, None, 'yolov5', guard)
     assert all(torch.equal(a, b) for a, b in zip(e, ref)) and guard.tolist() == [1, 1]
 
 

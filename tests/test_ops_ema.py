@@ -8,7 +8,7 @@ from conftest import assert_untouched, snapshot
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchutils_ext as tx
-from torchutils_ext import _ema_plan, _ops, _reference
+from torchutils_ext import _ema_plan, _ops, _torch_ops
 
 LOW = [torch.float16, torch.bfloat16]
 
@@ -74,7 +74,7 @@ def test_both_backends_agree_bitwise_on_mixed_dtypes(device):
         a, model = make(SHAPES, edt, 7, device), make(SHAPES, mdt, 8, device)
         b = snapshot(a)
         torch.ops.torchutils_ext.ema_update_(a, model, 0.9, 'yolov5')
-        _reference.ema_update_(b, model, 0.9, 'yolov5')
+        _torch_ops.ema_update_(b, model, 0.9, 'yolov5')
         assert all(torch.equal(x, y) for x, y in zip(a, b)), (edt, mdt)
 
 
@@ -193,16 +193,16 @@ def test_unread_decay_tensor_on_the_pure_torch_path(monkeypatch):
     writes the twin's bits."""
     e, m = make([(50,), (3, 3)], seed=31), make([(50,), (3, 3)], seed=32)
     ref = snapshot(e)
-    _reference.ema_update_(ref, m, 0.75)
+    _torch_ops.ema_update_(ref, m, 0.75)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     guard = torch.zeros(2, dtype=torch.int64)
     for bad in (float('nan'), 2.0, -1.0):
         before = snapshot(e)
-        _reference.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(bad, dtype=torch.float64), 'yolov5')
-        _reference.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(bad), 'lerp', guard)
+        _torch_ops.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(bad, dtype=torch.float64), 'yolov5')
+        _torch_ops.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(bad), 'lerp', guard)
         assert_untouched(before, e)
     assert guard.tolist() == [1, 3]
-    _reference.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(0.75, dtype=torch.float64), 'yolov5', guard)
+    _torch_ops.EmaGroups(e, m).apply(e, m, 0.0, torch.tensor(0.75, dtype=torch.float64), 'yolov5', guard)
     assert all(torch.equal(a, b) for a, b in zip(e, ref)) and guard.tolist() == [0, 3]
 
 

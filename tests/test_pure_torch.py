@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ulps
 
-from torchutils_ext import _ops, _reference
+from torchutils_ext import _ops, _torch_ops
 
 
 def _lists(edt, mdt, seed=0):
@@ -46,12 +46,12 @@ def _seed_formula(es, ms, d, mode):
                                      (torch.float32, torch.float16), (torch.float64, torch.float64)])
 @pytest.mark.parametrize('mode', ['yolov5', 'lerp'])
 def test_chunked_ema_is_the_seed_formula(monkeypatch, chunk, edt, mdt, mode):
-    monkeypatch.setattr(_reference, 'CHUNK', chunk)
+    monkeypatch.setattr(_torch_ops, 'CHUNK', chunk)
     es, ms = _lists(edt, mdt)
     d = 0.9993
     want = _seed_formula(es, ms, d, mode)
     got = [e.clone() for e in es]
-    _reference.ema_update_(got, ms, d, mode)
+    _torch_ops.ema_update_(got, ms, d, mode)
     for w, g in zip(want, got):
         assert torch.equal(w, g)
     if _ops.COMPILED:
@@ -78,26 +78,26 @@ def _zero_mix(seed=0):
 
 @pytest.mark.parametrize('chunk', [16, 1 << 18])
 def test_packed_zero_count_is_exact(monkeypatch, chunk):
-    monkeypatch.setattr(_reference, 'ZERO_CHUNK', chunk)
-    monkeypatch.setattr(_reference, '_ZERO_SCRATCH', threading.local())  # buffers of the patched size
+    monkeypatch.setattr(_torch_ops, 'ZERO_CHUNK', chunk)
+    monkeypatch.setattr(_torch_ops, '_ZERO_SCRATCH', threading.local())  # buffers of the patched size
     ts = _zero_mix()
     want = sum(int((t == 0).sum()) for t in ts)
-    got = _reference.count_zeros(ts)
+    got = _torch_ops.count_zeros(ts)
     assert got.dtype == torch.int64 and got.dim() == 0 and int(got) == want
     if _ops.COMPILED:
         assert int(torch.ops.torchutils_ext.count_zeros(ts)) == want
 
 
 def test_zero_count_threads_do_not_share_buffers(monkeypatch):
-    monkeypatch.setattr(_reference, 'ZERO_CHUNK', 64)
-    monkeypatch.setattr(_reference, '_ZERO_SCRATCH', threading.local())
+    monkeypatch.setattr(_torch_ops, 'ZERO_CHUNK', 64)
+    monkeypatch.setattr(_torch_ops, '_ZERO_SCRATCH', threading.local())
     cases = [_zero_mix(seed) for seed in range(6)]
     want = [sum(int((t == 0).sum()) for t in ts) for ts in cases]
     got = [None] * len(cases)
 
     def work(i):
         for _ in range(20):
-            got[i] = int(_reference.count_zeros(cases[i]))
+            got[i] = int(_torch_ops.count_zeros(cases[i]))
             if got[i] != want[i]:
                 return
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
@@ -131,9 +131,9 @@ def test_batched_fold_equals_one_layer_at_a_time(eps, inplace):
     for i in range(len(dtypes)):
         one = [[x[i]] for x in a[:6]] + [[eps[i]], [0]]
         one[0] = [one[0][0].clone()]
-        singles.append(_reference.fold_conv_bn(*one))
+        singles.append(_torch_ops.fold_conv_bn(*one))
     w_in = [t.clone() for t in a[0]]
-    ws, bs = _reference.fold_conv_bn(w_in, *a[1:], inplace=inplace)
+    ws, bs = _torch_ops.fold_conv_bn(w_in, *a[1:], inplace=inplace)
     for i, ((w1,), (b1,)) in enumerate(singles):
         assert ws[i].dtype == dtypes[i] and torch.equal(ws[i], w1) and torch.equal(bs[i], b1), i
         assert bs[i]._base is None  # its own storage, not a view of the batched vector
@@ -162,15 +162,15 @@ class _Recorder(TorchDispatchMode):
 def test_no_float64_where_the_device_has_none(monkeypatch):
     """The CPU standing in for MPS: with float64 declared missing, the pure-torch ops (fold vectors, decay
     tensor, EMA, zero count) run without a float64 tensor anywhere."""
-    monkeypatch.setattr(_reference, 'has_float64', lambda device: False)
+    monkeypatch.setattr(_torch_ops, 'has_float64', lambda device: False)
     a = _fold_args([torch.float32, torch.float16, torch.bfloat16], [1e-3, 1e-5, 1e-3])
     es, ms = _lists(torch.float32, torch.bfloat16)
     with _Recorder() as rec:
-        _reference.fold_conv_bn(*a)
-        _reference.fold_conv_bn([w.clone() for w in a[0]], *a[1:], inplace=True)
-        _reference.ema_update_(es, ms, torch.tensor(0.999), 'yolov5')
-        _reference.ema_update_(es, ms, 0.999, 'lerp')
-        _reference.count_zeros(es + ms)
+        _torch_ops.fold_conv_bn(*a)
+        _torch_ops.fold_conv_bn([w.clone() for w in a[0]], *a[1:], inplace=True)
+        _torch_ops.ema_update_(es, ms, torch.tensor(0.999), 'yolov5')
+        _torch_ops.ema_update_(es, ms, 0.999, 'lerp')
+        _torch_ops.count_zeros(es + ms)
     assert len(rec.seen) > 20
     f64 = [op for op, ts in rec.seen if any(dt == torch.float64 for _, dt in ts)]
     assert not f64, f'float64 work on a device without float64: {f64}'
@@ -180,5 +180,5 @@ def test_float64_recorder_can_fail():
     """The same recorder sees the float64 steps of the default path (on a device that has float64)."""
     a = _fold_args([torch.float32], [1e-3])
     with _Recorder() as rec:
-        _reference.fold_conv_bn(*a)
+        _torch_ops.fold_conv_bn(*a)
     assert any(dt == torch.float64 for _, ts in rec.seen for _, dt in ts)

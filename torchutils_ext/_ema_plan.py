@@ -9,7 +9,7 @@ state was added) and nothing was written, so the owner builds a new plan. ``deca
 - ``CompiledPlan``: the step is one call into C++ (``_C.ema_plan_step``): the state watch (NOTE [state watch] in
   ``csrc/python/watch.h``) proves both trees unchanged and hands over their tensors, then the device kernels run.
 - ``TorchPlan``: the same watch (its C++ form when the library is built, else ``Layout.read``, the Python twin)
-  and the pure-torch update (``_reference``), for devices or installs without the compiled kernels, and for
+  and the pure-torch update (``_torch_ops``), for devices or installs without the compiled kernels, and for
   ``TORCHUTILS_EXT_BACKEND=torch``.
 - ``FreshListsPlan``: sharded (FSDP2 DTensor) models, whose local shards are handed to the stateless
   ``_ops.ema_update_``; also the plan built while ``torch.compile`` traces, which cannot trace into C++.
@@ -27,7 +27,7 @@ from operator import getitem, itemgetter
 import torch
 import torch.nn as nn
 
-from . import _ops, _reference
+from . import _ops, _torch_ops
 from ._validate import check_decay, check_ema_args, check_guard
 
 _C = _ops._C
@@ -113,23 +113,37 @@ def _meta(t):
 
 class Layout:
     """The watch lists of one (EMA, model) pair (NOTE [state watch]), the slots of the tensors they lead to, and
-    which slots the update pairs: ``groups`` ([(ema slots, model slots)] per device, floating entries) and
-    ``ints`` (copy_buffers' integer pairs). ``values`` holds the slots' tensors at build time, for the plans'
-    constructors; ``forget()`` drops them.
+    which slots the update pairs: ``groups`` ([(ema slots, model slots)] per device: the averaged entries) and
+    ``copies`` (ema slots, model slots: the entries copied at each update, after the average). ``values`` holds
+    the slots' tensors at build time, for the plans' constructors; ``forget()`` drops them.
 
+    ``buffers``: 'average' (the seed: floating buffers averaged; integer ones copied when ``copy_ints``), 'copy'
+    (every persistent buffer copied), 'keep' (buffers left as they are: parameters only).
     ``watch=False`` (under torch.compile, whose plans are used once): only the slot lists, no watch entries."""
 
-    def __init__(self, ema: nn.Module, model: nn.Module, copy_ints: bool = False, watch: bool = True):
+    def __init__(self, ema: nn.Module, model: nn.Module, copy_ints: bool = False, watch: bool = True,
+                 buffers: str = 'average'):
+        if buffers not in ('average', 'copy', 'keep'):
+            raise ValueError(f"buffers must be 'average', 'copy' or 'keep', got {buffers!r}")
         self.watching = watch
         self.ema_ref, self.model_ref = (weakref.ref(ema, self._died), weakref.ref(model, self._died)) if watch \
             else (lambda: ema, lambda: model)
-        self.fast, self.full, self.values, self.owner = [], [], [], None
+        self.every_step, self.full, self.values, self.owner = [], [], [], None
         self.generation = GENERATION[0]
+        self.buffer_keys = set()
         ema_keys = self._watch_ema(ema)
         model_keys = self._find_model(model, set(ema_keys))
-        floats, ints = [], []
+        floats, copies, optional = [], [], []
         for k, s in ema_keys.items():
-            (floats if local(self.values[s]).dtype.is_floating_point else ints).append((k, s))
+            floating = local(self.values[s]).dtype.is_floating_point
+            policy = buffers if k in self.buffer_keys else 'average'  # parameters are averaged under every policy
+            if policy == 'average' and floating:
+                floats.append((k, s))
+            elif policy == 'copy' and floating:  # also averaged, then overwritten: so the guard checks them too
+                floats.append((k, s))
+                copies.append((k, s))
+            elif policy == 'copy' or (policy == 'average' and copy_ints):
+                optional.append((k, s))
         missing = [k for k, _ in floats if k not in model_keys]
         if missing:
             more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
@@ -147,17 +161,16 @@ class Layout:
             g[0].append(s)
             g[1].append(self._model_slot(model_keys[k]))
         self.groups = list(groups.values())
-        self.ints = ([], [])
-        for k, s in ints if copy_ints else ():
-            got = model_keys.get(k)  # an integer entry the model lacks is left as it is (the seed never reads it)
-            if got is None:
-                continue
+        self.copies = ([], [])
+        # an integer entry the model lacks is left as it is (the seed never reads it)
+        for k, s in copies + [(k, s) for k, s in optional if k in model_keys]:
+            got = model_keys[k]
             e, m = local(self.values[s]), local(got[2])
             if e.shape != m.shape or e.device != m.device:
-                raise ModelStructureError(f'ModelEMA.update (copy_buffers): {k} is {tuple(e.shape)} on {e.device} in '
-                                          f'the EMA and {tuple(m.shape)} on {m.device} in the model')
-            self.ints[0].append(s)
-            self.ints[1].append(self._model_slot(got))
+                raise ModelStructureError(f'ModelEMA.update (copied buffers): {k} is {tuple(e.shape)} on {e.device} '
+                                          f'in the EMA and {tuple(m.shape)} on {m.device} in the model')
+            self.copies[0].append(s)
+            self.copies[1].append(self._model_slot(got))
 
     # -- building
 
@@ -174,7 +187,7 @@ class Layout:
     def _watch_ema(self, ema):
         """Entries for every EMA slot and edge, and {state_dict key: slot} of its tensors (a tied tensor once)."""
         holds, seen, keys = _stateful(), {}, {}
-        fast, full = self.fast, self.full
+        every_step, full = self.every_step, self.full
         for prefix, m in ema.named_modules():
             pre = prefix + '.' if prefix else ''
             kids, nps = m._modules, getattr(m, '_non_persistent_buffers_set', None)
@@ -189,15 +202,17 @@ class Layout:
                 ref = weakref.ref(child) if self.watching else None
                 self._add(full, kids, name, EDGE, ref)
                 if holds(child):
-                    self._add(fast, kids, name, EDGE, ref, len(kids))
+                    self._add(every_step, kids, name, EDGE, ref, len(kids))
             for box, name, v in _persistent(m):
                 if v is None:
-                    self._add(fast, box, name, NONE, size=len(box))
+                    self._add(every_step, box, name, NONE, size=len(box))
                 elif id(v) in seen:  # tied weights: updated once
-                    self._add(fast, box, name, SAME, seen[id(v)], len(box))
+                    self._add(every_step, box, name, SAME, seen[id(v)], len(box))
                 else:
                     s = seen[id(v)] = keys[pre + name] = self._slot(v)
-                    self._add(fast, box, name, TENSOR, s, len(box))
+                    self._add(every_step, box, name, TENSOR, s, len(box))
+                    if box is not m._parameters:
+                        self.buffer_keys.add(pre + name)
         return keys
 
     def _find_model(self, model, wanted):
@@ -208,7 +223,7 @@ class Layout:
             pre = prefix + '.' if prefix else ''
             for name, child in m._modules.items():
                 if child is not None and holds(child):
-                    self._add(self.fast, m._modules, name, EDGE, weakref.ref(child) if self.watching else None)
+                    self._add(self.every_step, m._modules, name, EDGE, weakref.ref(child) if self.watching else None)
             for box, name, v in _persistent(m):
                 if v is not None and pre + name in wanted:
                     found[pre + name] = (box, name, v)
@@ -217,14 +232,14 @@ class Layout:
     def _model_slot(self, entry):
         box, name, v = entry
         s = self._slot(v)
-        self._add(self.fast, box, name, TENSOR, s)
+        self._add(self.every_step, box, name, TENSOR, s)
         return s
 
     # -- lifetime
 
     def _died(self, _ref):  # the EMA or the model was deleted: let go of what they held
         owner = self.owner() if self.owner is not None else None
-        self.fast = self.full = self.values = None
+        self.every_step = self.full = self.values = None
         if owner is not None:
             owner.release()
 
@@ -236,15 +251,15 @@ class Layout:
 
     def read(self, ema, model):
         """The slots' tensors now, or None when anything changed (NOTE [state watch])."""
-        fast = self.fast
-        if fast is None or self.ema_ref() is not ema or self.model_ref() is not model:
+        every_step = self.every_step
+        if every_step is None or self.ema_ref() is not ema or self.model_ref() is not model:
             return None
         if self.generation != GENERATION[0]:
             if not self._walk(self.full, None):
                 return None
             self.generation = GENERATION[0]
         now = [None] * len(self.metas)
-        return now if self._walk(fast, now) else None
+        return now if self._walk(every_step, now) else None
 
     def _walk(self, entries, now):
         metas = self.metas
@@ -289,7 +304,8 @@ class FreshListsPlan:
         self.device = local(layout.values[layout.groups[0][0][0]]).device if layout.groups else None
         self.sharded, self.n_groups = layout.sharded, len(layout.groups)
         self.lists = [(itemgetter(*es), itemgetter(*ms)) for es, ms in layout.groups]
-        self.int_lists = (itemgetter(*layout.ints[0]), itemgetter(*layout.ints[1])) if layout.ints[0] else None
+        self.copy_lists = (itemgetter(*layout.copies[0]), itemgetter(*layout.copies[1])) if layout.copies[0] \
+            else None
         if layout.watching:
             layout.record()
             _release_on_death(self, layout)
@@ -307,22 +323,22 @@ class FreshListsPlan:
             return None
         return layout.read(ema, model) if layout.watching else self.now
 
-    def ints(self, now):
-        if self.int_lists is None:
+    def copies(self, now):
+        if self.copy_lists is None:
             return None
-        return _as_list(self.int_lists[0](now)), _as_list(self.int_lists[1](now))
+        return _as_list(self.copy_lists[0](now)), _as_list(self.copy_lists[1](now))
 
     def step(self, ema, model, decay, guard=None) -> bool:
         now = self.current(ema, model)
         if now is None:
             return False
-        ints = self.ints(now)
+        copies = self.copies(now)
         with torch.no_grad():  # the seed updates under no_grad: an EMA whose parameters require grad is written
             for get_e, get_m in self.lists:
                 _ops.ema_update_([local(e) for e in _as_list(get_e(now))], [local(m) for m in _as_list(get_m(now))],
                                  decay, self.mode, guard=guard)
-            if ints is not None:
-                copy_int_buffers(*ints, guard)
+            if copies is not None:
+                copy_entries(*copies, decay, guard)
         return True
 
 
@@ -331,23 +347,40 @@ def _as_list(got):
     return list(got) if isinstance(got, tuple) else [got]
 
 
-def copy_int_buffers(es, ms, guard):
-    """copy_buffers' integer pairs, after the float update; a skipped step (guard[0] == 1) leaves them too, decided
-    on the device (the twin of copy_int_buffers in csrc/ema_update/ema_plan.cpp)."""
+def copy_entries(es, ms, decay, guard):
+    """The copied entries (copy_buffers' integer buffers, buffers='copy'), after the average of the same step. A
+    step that averaged nothing leaves them too: one with decay exactly 1 (update_every_n_steps), a device decay
+    outside [0, 1] ([decay tensor]), or one skipped by the guard (guard[0] == 1), decided on the device where only
+    the device knows (the twin of copy_entries in csrc/ema_update/ema_plan.cpp)."""
     es, ms = [local(e) for e in es], [local(m) for m in ms]
-    if guard is None:
+    host = not torch.compiler.is_compiling()
+    hold = None  # a 0-d bool on the device: leave them this step
+    if isinstance(decay, torch.Tensor):
+        if host and decay.device.type == 'cpu':
+            if float(decay) == 1.0:  # a CPU read: no device sync
+                return
+        else:
+            hold = ~((decay >= 0) & (decay < 1))  # 1, NaN or out of range: nothing averaged
+    elif decay == 1.0:
+        return
+    if guard is not None:
+        if host and guard.device.type == 'cpu':
+            if int(guard[0]):
+                return
+        else:
+            hold = guard[0].bool() if hold is None else hold | guard[0].bool()
+    if hold is None:
         torch._foreach_copy_(es, ms)
         return
-    skipped = guard[0]
-    taken = 1 - skipped
-    nums = [(e, m) for e, m in zip(es, ms) if e.dtype != torch.bool]
+    ints = [(e, m) for e, m in zip(es, ms) if not (e.is_floating_point() or e.is_complex() or e.dtype == torch.bool)]
     for e, m in zip(es, ms):
-        if e.dtype == torch.bool:
-            e.copy_(torch.where(skipped.bool(), e, m))
-    if nums:
-        ne, nm = [e for e, _ in nums], [m for _, m in nums]
-        torch._foreach_mul_(ne, skipped)
-        torch._foreach_add_(ne, torch._foreach_mul(nm, taken))
+        if e.is_floating_point() or e.is_complex() or e.dtype == torch.bool:  # exact, where 0 * inf would be NaN
+            e.copy_(torch.where(hold, e, m))
+    if ints:  # e = e * hold + m * (1 - hold): three foreach calls for all
+        ne, nm = [e for e, _ in ints], [m for _, m in ints]
+        keep = hold.long()
+        torch._foreach_mul_(ne, keep)
+        torch._foreach_add_(ne, torch._foreach_mul(nm, 1 - keep))
 
 
 class TorchPlan(FreshListsPlan):
@@ -358,10 +391,10 @@ class TorchPlan(FreshListsPlan):
                   for es, ms in layout.groups]
         for es, ms in groups:
             check_ema_args(es, ms, 0.5, None, mode)
-        self.batches = [_reference.EmaGroups(es, ms) for es, ms in groups]
+        self.batches = [_torch_ops.EmaGroups(es, ms) for es, ms in groups]
         self.watch = None
         if _C is not None:
-            self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.fast, layout.full, GENERATION,
+            self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.every_step, layout.full, GENERATION,
                                       len(layout.values))
         super().__init__(layout, mode)
 
@@ -379,16 +412,16 @@ class TorchPlan(FreshListsPlan):
         if now is None:
             return False
         decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
-        ints = self.ints(now)
+        copies = self.copies(now)
         lists = [(_as_list(get_e(now)), _as_list(get_m(now))) for get_e, get_m in self.lists]
         for es, ms in lists:
             check_decay(decay, decay_tensor, es[0].device, (*es, *ms, guard))
             check_guard(guard, es[0].device)
         with torch.no_grad():
             for batch, (es, ms) in zip(self.batches, lists):
-                batch.apply(es, ms, decay, decay_tensor, self.mode, guard)
-            if ints is not None:
-                copy_int_buffers(*ints, guard)
+                batch.apply(es, ms, decay, decay_tensor, self.mode, guard, self.ends)
+            if copies is not None:
+                copy_entries(*copies, decay if decay_tensor is None else decay_tensor, guard)
         return True
 
 
@@ -397,10 +430,10 @@ class CompiledPlan(FreshListsPlan):
 
     def __init__(self, layout, mode):
         ema, model = layout.ema_ref(), layout.model_ref()
-        self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.fast, layout.full, GENERATION,
+        self.watch = _C.watch_new(layout.ema_ref, layout.model_ref, layout.every_step, layout.full, GENERATION,
                                   len(layout.values))
         self.handle = _C.ema_plan_new(self.watch, ema, model, [(list(es), list(ms)) for es, ms in layout.groups],
-                                      (list(layout.ints[0]), list(layout.ints[1])), mode)
+                                      (list(layout.copies[0]), list(layout.copies[1])), mode)
         super().__init__(layout, mode)
 
     def release(self):
@@ -413,12 +446,15 @@ class CompiledPlan(FreshListsPlan):
                 and _C.ema_plan_step(handle, ema, model, decay, guard))
 
 
-def make_plan(ema: nn.Module, model: nn.Module, mode: str, copy_ints: bool = False):
-    """The plan for this pair on this backend. Under torch.compile: lists read now, nothing C++ to trace."""
+def make_plan(ema: nn.Module, model: nn.Module, mode: str, copy_ints: bool = False, buffers: str = 'average',
+              ends: bool = True):
+    """The plan for this pair on this backend. Under torch.compile: lists read now, nothing C++ to trace.
+    ``ends``: whether a decay tensor may be exactly 0 or 1, which the pure-torch update must then select for on the
+    device (a copy of the EMA per step; the kernels need nothing)."""
     compiling = torch.compiler.is_compiling()
     if not compiling:
         _watch_registrations()
-    layout = Layout(ema, model, copy_ints, watch=not compiling)
+    layout = Layout(ema, model, copy_ints, watch=not compiling, buffers=buffers)
     if layout.sharded or compiling:
         plan = FreshListsPlan(layout, mode)
     else:
@@ -426,5 +462,5 @@ def make_plan(ema: nn.Module, model: nn.Module, mode: str, copy_ints: bool = Fal
         # use_ext raises for TORCHUTILS_EXT_BACKEND=ext when a device has no kernel
         compiled = _ops.COMPILED and all([_ops.use_ext('ema_update_', d) for d in devices])
         plan = (CompiledPlan if compiled else TorchPlan)(layout, mode)
-    plan.key = (mode, copy_ints)
+    plan.key, plan.ends = (mode, copy_ints, buffers, ends), ends
     return plan

@@ -1,7 +1,7 @@
-"""Loads the compiled ops, registers their fake kernels, and picks a backend per call.
+"""Loads the compiled ops and picks a backend per call; the fake kernels live in ``_fake``.
 
 Backend per call: the compiled op when the library loaded and has a kernel for the tensors' device, else the
-pure-torch twin in ``_reference``. ``TORCHUTILS_EXT_BACKEND=auto|ext|torch`` (or ``set_backend``/``use_backend``)
+pure-torch twin in ``_torch_ops``. ``TORCHUTILS_EXT_BACKEND=auto|ext|torch`` (or ``set_backend``/``use_backend``)
 forces it; ``ext`` raises when the compiled op cannot serve.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import _cuda_arch, _reference
+from . import _cuda_arch, _torch_ops, _validate
 from ._load import build_info, load_compiled
 from ._validate import check_guard, new_biases, tensor_list
 
@@ -104,52 +104,9 @@ def backend_info() -> dict:
 
 
 if COMPILED:
-    def _ema_fake(ema, model, decay, ema_mode='yolov5', guard=None):
-        # what can be checked without data: the compiled kernels check the rest
-        if len(ema) != len(model):
-            raise ValueError(f'ema and model lists differ in length: {len(ema)} vs {len(model)}')
-        for i, (e, m) in enumerate(zip(ema, model)):
-            if e.shape != m.shape or e.device != m.device or e.device != ema[0].device:
-                raise ValueError(f'ema[{i}] and model[{i}] differ in shape or device')
-        if isinstance(decay, torch.Tensor) and len(ema) and decay.device not in (ema[0].device, torch.device('cpu')):
-            # a meta decay tensor beside real lists lands here in eager mode: refuse, do not skip the update
-            raise ValueError(f'decay tensor is on {decay.device}, the tensors on {ema[0].device}')
-        check_guard(guard, ema[0].device if len(ema) else None)
-        return None
-
-    torch.library.register_fake('torchutils_ext::ema_update_.Scalar')(_ema_fake)
-    torch.library.register_fake('torchutils_ext::ema_update_.Tensor')(_ema_fake)
-
-    @torch.library.register_fake('torchutils_ext::count_zeros')
-    def _count_fake(tensors):
-        device = tensors[0].device if len(tensors) else torch.device('cpu')
-        _one_device('count_zeros', device, tensors=tensors)
-        return torch.empty((), dtype=torch.int64, device=device)
-
-    @torch.library.register_fake('torchutils_ext::fold_conv_bn')
-    def _fold_fake(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
-        _fold_devices(weight, bias, bn_weight, bn_bias, mean, var)
-        return [torch.empty_like(w) for w in weight], new_biases(weight, transposed_groups)
-
-    @torch.library.register_fake('torchutils_ext::fold_conv_bn_')
-    def _fold_inplace_fake(weight, bias_out, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups):
-        _fold_devices(weight, bias_out, bias, bn_weight, bn_bias, mean, var)
-        return None
-
-
-def _one_device(op, device, **lists):
-    """Fake kernels also run in eager mode when a meta tensor sits among real ones (the dispatcher picks the
-    Meta key): that call must fail as the real kernels would, not return empty results or skip the write."""
-    for name, ts in lists.items():
-        for i, t in enumerate(ts):
-            if t is not None and t.device != device:
-                raise ValueError(f'{op}: {name}[{i}] is on {t.device}, expected {device} like the first tensor')
-
-
-def _fold_devices(weight, *lists):
-    if len(weight):
-        _one_device('fold_conv_bn', weight[0].device, weight=weight,
-                    **{f'argument {k}': ts for k, ts in enumerate(lists, 2)})
+    from . import _fake  # noqa: F401  (registers the fake kernels; ops.cpp names this module)
+    # the kernels' pair rule decides which pairs the pure-torch twin rounds the seed's way
+    _validate.SEED_ROUNDING_PAIRS = _validate.seed_rounding_pairs(_C.ema_pair_rule())
 
 
 def _device_of(tensors, default='cpu'):
@@ -176,7 +133,7 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', *, guard=None) -> None:
             else:
                 _lib.ema_update_.Scalar(ema, model, d, mode, guard)
         else:
-            _reference.ema_update_(ema, model, decay, mode, guard)
+            _torch_ops.ema_update_(ema, model, decay, mode, guard)
 
 
 def count_zeros(tensors) -> torch.Tensor:
@@ -186,7 +143,7 @@ def count_zeros(tensors) -> torch.Tensor:
     with torch.no_grad():
         if tensors and use_ext('count_zeros', _device_of(tensors)):
             return _lib.count_zeros(tensors)
-        return _reference.count_zeros(tensors)
+        return _torch_ops.count_zeros(tensors)
 
 
 def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups, inplace=False):
@@ -205,5 +162,5 @@ def fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_gr
                 _lib.fold_conv_bn_(weight, out_b, *args)
                 return list(weight), out_b
             return _lib.fold_conv_bn(weight, *args)
-        return _reference.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
+        return _torch_ops.fold_conv_bn(weight, bias, bn_weight, bn_bias, mean, var, eps, transposed_groups,
                                        inplace=inplace)

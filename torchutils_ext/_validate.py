@@ -10,12 +10,29 @@ import math
 import torch
 
 EMA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Every (ema dtype, model dtype) pair of EMA_DTYPES is taken by both paths. These are computed with the seed's own
-# three rounding steps (each product in its operand's dtype, the sum in the wider one); the other six compute in
-# fp32 (fp64 for fp64/fp64) and round once into the EMA (ema_kind.h: fast_math_pair).
-SEED_ROUNDING_PAIRS = frozenset((e, m) for e in EMA_DTYPES for m in EMA_DTYPES) - {(torch.float32, torch.float32), (torch.float32, torch.float16),
-                                      (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
-                                      (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)}
+
+
+def _rounds_once(e, m) -> bool:
+    """The Python copy of the kernels' pair rule (NOTE [pair rule], csrc/ema_update/ema_kind.h), for a build
+    without _C: six pairs compute in fp32 (fp64 for fp64/fp64) and round once into the EMA; the other ten take the
+    seed's own three rounding steps (each product in its operand's dtype, the sum in the wider one)."""
+    return e == m or (e == torch.float32 and m in (torch.float16, torch.bfloat16))
+
+
+def _name(dtype):
+    return str(dtype).removeprefix('torch.')
+
+
+# ((ema dtype name, model dtype name, rounds once), ...) in the order _C.ema_pair_rule() gives it
+PYTHON_PAIR_RULE = tuple((_name(e), _name(m), _rounds_once(e, m)) for e in EMA_DTYPES for m in EMA_DTYPES)
+
+
+def seed_rounding_pairs(rule) -> frozenset:
+    return frozenset((getattr(torch, e), getattr(torch, m)) for e, m, once in rule if not once)
+
+
+# Replaced by the library's own rule when _C loads (_ops.py); the twin reads it at each call.
+SEED_ROUNDING_PAIRS = seed_rounding_pairs(PYTHON_PAIR_RULE)
 MODES = ('yolov5', 'lerp')
 
 

@@ -6,31 +6,27 @@
 #pragma once
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define TUE_RN __host__ __device__ __forceinline__
-#else
-#define TUE_RN inline
-#endif
+#include "host_device.h"
 
 namespace torchutils_ext {
 
 #if defined(__CUDA_ARCH__)
-TUE_RN float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-TUE_RN double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-TUE_RN float add_rn(float a, float b) { return __fadd_rn(a, b); }
-TUE_RN double add_rn(double a, double b) { return __dadd_rn(a, b); }
-TUE_RN float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-TUE_RN double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-TUE_RN float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-TUE_RN double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-TUE_RN float sqrt_rn(float a) { return __fsqrt_rn(a); }
-TUE_RN double sqrt_rn(double a) { return __dsqrt_rn(a); }
+TUE_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+TUE_HD double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+TUE_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
+TUE_HD double add_rn(double a, double b) { return __dadd_rn(a, b); }
+TUE_HD float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+TUE_HD double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+TUE_HD float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+TUE_HD double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+TUE_HD float sqrt_rn(float a) { return __fsqrt_rn(a); }
+TUE_HD double sqrt_rn(double a) { return __dsqrt_rn(a); }
 #else
-template <typename O> TUE_RN O mul_rn(O a, O b) { return a * b; }
-template <typename O> TUE_RN O add_rn(O a, O b) { return a + b; }
-template <typename O> TUE_RN O sub_rn(O a, O b) { return a - b; }
-template <typename O> TUE_RN O div_rn(O a, O b) { return a / b; }
-template <typename O> TUE_RN O sqrt_rn(O a) { return std::sqrt(a); }
+template <typename O> TUE_HD O mul_rn(O a, O b) { return a * b; }
+template <typename O> TUE_HD O add_rn(O a, O b) { return a + b; }
+template <typename O> TUE_HD O sub_rn(O a, O b) { return a - b; }
+template <typename O> TUE_HD O div_rn(O a, O b) { return a / b; }
+template <typename O> TUE_HD O sqrt_rn(O a) { return std::sqrt(a); }
 #endif
 
 }  // namespace torchutils_ext

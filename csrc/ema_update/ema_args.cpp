@@ -111,7 +111,7 @@ EmaCall check_ema_args(at::TensorList ema, at::TensorList model, double decay,
                       e.device(), ") and model[", i, "] (", m.device(), ") must be on the device of ema[0] (",
                       ema[0].device(), ")");
     call.kinds.push_back(*k);
-    (same_dense_layout(e, m) ? call.fast : call.slow).push_back(static_cast<int64_t>(i));
+    (same_dense_layout(e, m) ? call.dense : call.strided).push_back(static_cast<int64_t>(i));
   }
   check_decay_memory(call, ema, model);
   if (guard) {  // the guard is written too

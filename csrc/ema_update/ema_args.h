@@ -17,7 +17,7 @@ struct EmaCall {
   double decay = 0.0;                  // used when decay_tensor is empty
   std::optional<at::Tensor> decay_tensor;
   std::optional<at::Tensor> guard;     // see [nonfinite guard] in nonfinite.h
-  std::vector<int64_t> fast, slow;     // pair indices: dense with equal strides / anything else
+  std::vector<int64_t> dense, strided;  // pair indices: dense with equal strides / anything else
   std::vector<EmaKind> kinds;          // kind of each pair
 };
 

@@ -1,18 +1,26 @@
-// The per-element EMA formulas, shared by the CPU loop and the CUDA kernel. Every product, sum and difference
-// rounds once (see [separate roundings] in common/rounding.h), so "yolov5" rounds exactly like the seed's
-// `v *= d; v += (1 - d) * m`, and both devices give the same bits whatever the compiler's contraction flags.
+// The per-element EMA formulas and the seed's rounding steps, shared by the CPU and the CUDA kernel. Every
+// product, sum and difference rounds once (see [separate roundings] in common/rounding.h), so "yolov5" rounds
+// exactly like the seed's `v *= d; v += (1 - d) * m`, and both devices give the same bits whatever the
+// compiler's contraction flags.
 #pragma once
 
-#include "../common/rounding.h"
+#include <type_traits>
 
-#if defined(__CUDACC__)
-#define TUE_HD __host__ __device__ __forceinline__
-#else
-#define TUE_HD inline
-#endif
+#include "../common/host_device.h"
+#include "../common/rounding.h"
+#include "ema_kind.h"
 
 namespace torchutils_ext {
 
+// The pair rule (NOTE [pair rule] in ema_kind.h) on element types E and M.
+template <class Halfs, typename E, typename M>
+struct EmaPair {
+  static constexpr EmaDtype kE = dtype_code<Halfs, E>(), kM = dtype_code<Halfs, M>();
+  static constexpr bool kOneRounding = one_rounding_pair(kE, kM);
+  using W = std::conditional_t<sums_in_double(kE, kM), double, float>;  // the seed's sum
+};
+
+// v * d + (1 - d) * m, each product and the sum rounded once.
 template <typename O>
 TUE_HD O ema_yolov5(O v, O m, O d, O omd) {
   return add_rn(mul_rn(v, d), mul_rn(omd, m));
@@ -25,22 +33,26 @@ TUE_HD O ema_lerp(O v, O m, O w) {
   return (w < O(0.5) && w > O(-0.5)) ? add_rn(v, mul_rn(w, diff)) : sub_rn(m, mul_rn(diff, sub_rn(O(1), w)));
 }
 
-// The seed's `v *= d; v += (1 - d) * m` step by step, as torch runs it for an EMA of dtype E and a model of
-// dtype M: v * d in E's opmath rounded to E, (1 - d) * m in M's opmath rounded to M, their sum in W (the wider
-// of the two: float or double), stored into E. X<T> gives T's opmath type Op, up(T) -> Op, and down(x): x
-// rounded to T (from double via float for half/bf16, as c10 converts). The CUDA kernel's per-element form; the
-// CPU kernel runs the same steps a block at a time (seed_span in cpu/ema_update.cpp).
+// NOTE: [seed steps] The seed's `v *= d; v += (1 - d) * m` step by step, as torch runs it for an EMA of dtype E
+// and a model of dtype M: v * d in E's opmath rounded to E, (1 - d) * m in M's opmath rounded to M, their sum
+// in W (EmaPair::W) into s; the caller rounds s into E (from double via float for half/bf16, as c10 converts).
+// On n values at a time: one on the device, an L1 block on the CPU (whose conversions are vectorised). a holds
+// up(e), b up(m), both overwritten. X<T> gives T's opmath type Op and round(Op* x, n): x rounded to T's
+// precision, kept in Op.
 template <template <typename> class X, typename E, typename M, typename W>
-TUE_HD E ema_seed_yolov5(E e, M m, typename X<E>::Op d, typename X<M>::Op omd) {
-  const W a = static_cast<W>(X<E>::up(X<E>::down(mul_rn(X<E>::up(e), d))));
-  const W b = static_cast<W>(X<M>::up(X<M>::down(mul_rn(X<M>::up(m), omd))));
-  return X<E>::down(add_rn(a, b));
+TUE_HD void seed_yolov5_steps(typename X<E>::Op* a, typename X<M>::Op* b, W* s, int n, typename X<E>::Op d,
+                              typename X<M>::Op omd) {
+  for (int i = 0; i < n; ++i) a[i] = mul_rn(a[i], d);
+  X<E>::round(a, n);
+  for (int i = 0; i < n; ++i) b[i] = mul_rn(b[i], omd);
+  X<M>::round(b, n);
+  for (int i = 0; i < n; ++i) s[i] = add_rn(static_cast<W>(a[i]), static_cast<W>(b[i]));
 }
 
-// torch.lerp in W, rounded once into E.
+// torch.lerp in W (rounded once into E by the caller).
 template <template <typename> class X, typename E, typename M, typename W>
-TUE_HD E ema_seed_lerp(E e, M m, W w) {
-  return X<E>::down(ema_lerp<W>(static_cast<W>(X<E>::up(e)), static_cast<W>(X<M>::up(m)), w));
+TUE_HD void seed_lerp_steps(const typename X<E>::Op* a, const typename X<M>::Op* b, W* s, int n, W w) {
+  for (int i = 0; i < n; ++i) s[i] = ema_lerp<W>(static_cast<W>(a[i]), static_cast<W>(b[i]), w);
 }
 
 }  // namespace torchutils_ext

@@ -32,26 +32,42 @@ void EmaPlan::run(at::TensorList ema, at::TensorList model) {
   call_.guard.reset();
 }
 
-void copy_int_buffers(at::TensorList ema, at::TensorList model, const std::optional<at::Tensor>& guard) {
+void copy_entries(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
+                  const std::optional<at::Tensor>& guard) {
   if (ema.empty()) return;
-  if (!guard) {
+  std::optional<at::Tensor> hold;  // a 0-d bool on the device: leave them this step
+  if (decay_tensor && !decay_tensor->is_cpu()) {
+    hold = decay_tensor->ge(0.0).logical_and(decay_tensor->lt(1.0)).logical_not();  // 1, NaN, out of range
+  } else if ((decay_tensor ? decay_tensor->item<double>() : decay) == 1.0) {  // a CPU read: no device sync
+    return;
+  }
+  if (guard) {
+    if (guard->is_cpu()) {
+      if (guard->data_ptr<int64_t>()[0] != 0) return;
+    } else {
+      const at::Tensor skipped = guard->select(0, 0).to(at::kBool);
+      hold = hold ? hold->logical_or(skipped) : skipped;
+    }
+  }
+  if (!hold) {
     at::_foreach_copy_(ema, model);
     return;
   }
-  // ema = skipped ? ema : model, as integer arithmetic on the device's flag (0 or 1): three foreach calls
-  const at::Tensor skipped = (*guard).select(0, 0), taken = 1 - skipped;
+  // ema = hold ? ema : model on the device: integers by arithmetic on the flag (three foreach calls for all),
+  // floats and bools by where (exact: 0 * inf would be NaN)
   std::vector<at::Tensor> es, ms;
   for (size_t i = 0; i < ema.size(); ++i) {
-    if (ema[i].scalar_type() == at::kBool) {  // no integer arithmetic in place on bool
-      ema[i].copy_(at::where(skipped.to(at::kBool), ema[i], model[i]));
-    } else {
+    if (at::isIntegralType(ema[i].scalar_type(), /*includeBool=*/false)) {
       es.push_back(ema[i]);
       ms.push_back(model[i]);
+    } else {
+      ema[i].copy_(at::where(*hold, ema[i], model[i]));
     }
   }
   if (es.empty()) return;
-  at::_foreach_mul_(es, skipped);
-  at::_foreach_add_(es, at::_foreach_mul(ms, taken));
+  const at::Tensor keep = hold->to(at::kLong);
+  at::_foreach_mul_(es, keep);
+  at::_foreach_add_(es, at::_foreach_mul(ms, 1 - keep));
 }
 
 }  // namespace torchutils_ext

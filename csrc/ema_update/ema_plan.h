@@ -26,8 +26,11 @@ class EmaPlan {
   EmaCall call_;
 };
 
-// The integer buffers copy_buffers copies (timm's policy), after the float update of the same step. With a guard,
-// a skipped step leaves them too (guard[0] says so on the device: no sync).
-void copy_int_buffers(at::TensorList ema, at::TensorList model, const std::optional<at::Tensor>& guard);
+// The entries copied at each update (copy_buffers' integer buffers, buffers='copy'), after the average of the same
+// step. A step that averaged nothing leaves them too: decay exactly 1 (ModelEMA's update_every_n_steps), a device
+// decay outside [0, 1] ([decay tensor]), or a skip by the guard (guard[0]); where only the device knows, decided
+// there (no sync).
+void copy_entries(at::TensorList ema, at::TensorList model, double decay, const std::optional<at::Tensor>& decay_tensor,
+                  const std::optional<at::Tensor>& guard);
 
 }  // namespace torchutils_ext

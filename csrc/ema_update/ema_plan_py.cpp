@@ -1,8 +1,8 @@
 // ModelEMA's per-step crossing: _C.ema_plan_new builds a ModelPlan once over a state watch (python/watch.h);
 // _C.ema_plan_step(plan, ema_module, model_module, decay, guard=None) runs one step as one METH_FASTCALL call: the
 // watch proves both module trees unchanged and hands over the tensors they hold now, then every device group is
-// updated (and copy_buffers' integer buffers copied). A changed tree answers False having written nothing; the
-// Python side then builds a new plan.
+// updated (and the copied entries copied: copy_buffers' integer buffers, buffers='copy'). A changed tree answers
+// False having written nothing; the Python side then builds a new plan.
 #include <c10/core/GradMode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -58,7 +58,7 @@ struct Group {
 struct ModelPlan {
   Ref watch;
   std::vector<Group> groups;          // one per device
-  std::vector<Py_ssize_t> int_ema, int_model;  // copy_buffers' pairs (empty without it)
+  std::vector<Py_ssize_t> int_ema, int_model;  // the copied pairs (empty without copy_buffers / buffers='copy')
   Borrowed int_ema_now, int_model_now;
   std::vector<PyObject*> now;  // the watch's answer
   bool busy = false;           // a step in progress (its kernels may run without the GIL)
@@ -188,7 +188,7 @@ PyObject* ema_plan_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     pybind11::gil_scoped_release no_gil;
     g.plan.run(own_ema, own_model);
   }
-  copy_int_buffers(plan->int_ema_now.ts, plan->int_model_now.ts, guard);
+  copy_entries(plan->int_ema_now.ts, plan->int_model_now.ts, decay, decay_tensor, guard);
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }

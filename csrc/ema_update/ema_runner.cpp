@@ -5,13 +5,19 @@
 namespace torchutils_ext {
 namespace {
 
-EmaRunner g_runners[2] = {nullptr, nullptr};  // CPU, CUDA
-int runner_slot(c10::DeviceType d) { return d == c10::DeviceType::CPU ? 0 : d == c10::DeviceType::CUDA ? 1 : -1; }
+// one slot per device type, filled by TUE_REGISTER_EMA_RUNNER when the library loads
+EmaRunner g_runners[c10::COMPILE_TIME_MAX_DEVICE_TYPES] = {};
+int runner_slot(c10::DeviceType d) {
+  const int s = static_cast<int>(d);
+  return s >= 0 && s < c10::COMPILE_TIME_MAX_DEVICE_TYPES ? s : -1;
+}
 
 }  // namespace
 
 EmaRunnerRegistration::EmaRunnerRegistration(c10::DeviceType device, EmaRunner runner) {
-  g_runners[runner_slot(device)] = runner;
+  const int s = runner_slot(device);
+  TORCH_CHECK(s >= 0, "ema_update_: no runner slot for device type ", device);
+  g_runners[s] = runner;
 }
 
 EmaRunner ema_runner(c10::DeviceType device) {
@@ -20,10 +26,10 @@ EmaRunner ema_runner(c10::DeviceType device) {
 }
 
 EmaSpans::EmaSpans(const EmaCall& call, at::TensorList ema, at::TensorList model) {
-  spans_.reserve(call.fast.size() + call.slow.size());
-  for (int64_t i : call.fast)
+  spans_.reserve(call.dense.size() + call.strided.size());
+  for (int64_t i : call.dense)
     if (ema[i].numel()) spans_.push_back({ema[i].data_ptr(), model[i].data_ptr(), ema[i].numel(), call.kinds[i]});
-  for (int64_t i : call.slow) {
+  for (int64_t i : call.strided) {
     if (!ema[i].numel()) continue;
     originals_.push_back(ema[i]);
     copies_.push_back(ema[i].contiguous());

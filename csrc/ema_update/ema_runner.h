@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <vector>
@@ -14,7 +15,8 @@
 namespace torchutils_ext {
 
 // Runs a validated call on the device of its tensors: behind the op, and behind the EMA plan, which validates once
-// and then calls the runner directly. Each device's kernel file registers one when the library loads.
+// and then calls the runner directly. Each device's kernel file registers one for both callers at once with
+// TUE_REGISTER_EMA_RUNNER (below): there is no second table to edit for a new device.
 using EmaRunner = void (*)(const EmaCall& call, at::TensorList ema, at::TensorList model);
 struct EmaRunnerRegistration {
   EmaRunnerRegistration(c10::DeviceType device, EmaRunner runner);
@@ -44,7 +46,7 @@ void ema_update_tensor(at::TensorList ema, at::TensorList model, const at::Tenso
   ema_update_op<Run>(ema, model, 0.0, decay, mode, guard);
 }
 
-// NOTE: [EMA spans] The kernels walk each pair as two flat spans of one layout. The other pairs (call.slow:
+// NOTE: [EMA spans] The kernels walk each pair as two flat spans of one layout. The other pairs (call.strided:
 // strided, or dense with different strides) go through the same kernels on contiguous copies, written back
 // afterwards, so each device has one copy of the math.
 class EmaSpans {
@@ -59,3 +61,12 @@ class EmaSpans {
 };
 
 }  // namespace torchutils_ext
+
+// A device's runner, registered with the dispatcher (both overloads, dispatch key KEY) and with the EMA plan's
+// table (ema_runner) in one place. Use at namespace scope, outside any namespace.
+#define TUE_REGISTER_EMA_RUNNER(KEY, RUN)                                                          \
+  static const ::torchutils_ext::EmaRunnerRegistration tue_ema_runner_##KEY(c10::DeviceType::KEY, &RUN); \
+  TORCH_LIBRARY_IMPL(torchutils_ext, KEY, m) {                                                    \
+    m.impl("ema_update_.Scalar", &::torchutils_ext::ema_update_scalar<&RUN>);                       \
+    m.impl("ema_update_.Tensor", &::torchutils_ext::ema_update_tensor<&RUN>);                       \
+  }

@@ -112,8 +112,17 @@ TUE_ALWAYS_INLINE void round_block(typename Cpu<T>::Op* x, int n) {
   }
 }
 
-// The ten seed-rounding pairs (ema_seed_yolov5 / ema_seed_lerp in ema_math.h, step by step), a block at a time
-// through buffers in L1: each step is a plain loop over one type.
+// Cpu<T> with the round() the seed steps take: through the F16C conversions where the caller is built for them.
+template <bool F16C>
+struct CpuSteps {
+  template <typename T>
+  struct X : Cpu<T> {
+    static TUE_ALWAYS_INLINE void round(typename Cpu<T>::Op* x, int n) { round_block<F16C, T>(x, n); }
+  };
+};
+
+// The ten seed-rounding pairs: NOTE [seed steps] (ema_math.h) a block at a time through buffers in L1, where
+// each step is a plain loop over one type.
 template <bool F16C, typename E, typename M, typename W>
 TUE_ALWAYS_INLINE void seed_span(E* e, const M* m, int64_t n, double d, double omd, bool lerp) {
   using OE = typename Cpu<E>::Op;
@@ -128,25 +137,20 @@ TUE_ALWAYS_INLINE void seed_span(E* e, const M* m, int64_t n, double d, double o
     const int k = static_cast<int>(std::min<int64_t>(kBlock, n - i0));
     load_block<F16C, E>(e + i0, a, k);
     load_block<F16C, M>(m + i0, b, k);
-    if (lerp) {
-      for (int i = 0; i < k; ++i) s[i] = ema_lerp<W>(static_cast<W>(a[i]), static_cast<W>(b[i]), w);
-    } else {
-      for (int i = 0; i < k; ++i) a[i] = mul_rn(a[i], de);
-      round_block<F16C, E>(a, k);
-      for (int i = 0; i < k; ++i) b[i] = mul_rn(b[i], om);
-      round_block<F16C, M>(b, k);
-      for (int i = 0; i < k; ++i) s[i] = add_rn(static_cast<W>(a[i]), static_cast<W>(b[i]));
-    }
+    if (lerp)
+      seed_lerp_steps<CpuSteps<F16C>::template X, E, M, W>(a, b, s, k, w);
+    else
+      seed_yolov5_steps<CpuSteps<F16C>::template X, E, M, W>(a, b, s, k, de, om);
     for (int i = 0; i < k; ++i) a[i] = static_cast<OE>(s[i]);  // double -> float first, as c10 converts
     store_block<F16C, E>(a, e + i0, k);
   }
 }
 
-// A fast_math_pair pair with a half side (fp32 EMA of an fp16 model, fp16/fp16), through float blocks in L1: the
+// A one-rounding pair with a half side (fp32 EMA of an fp16 model, fp16/fp16), through float blocks in L1: the
 // same float math as the element loop below, with the conversions vectorised (F16C, round to nearest even, as
 // c10 converts).
 template <typename E, typename M>
-TUE_ALWAYS_INLINE void fast_blocked(E* e, const M* m, int64_t n, float d, float omd, bool lerp) {
+TUE_ALWAYS_INLINE void one_rounding_blocked(E* e, const M* m, int64_t n, float d, float omd, bool lerp) {
   alignas(64) float a[kBlock];
   alignas(64) float b[kBlock];
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
@@ -165,16 +169,20 @@ TUE_ALWAYS_INLINE void fast_blocked(E* e, const M* m, int64_t n, float d, float 
   }
 }
 
+struct CpuHalfs {
+  using f16 = at::Half;
+  using bf16 = at::BFloat16;
+};
+
 // d and 1 - d arrive as float64 (the seed's Python floats) and are rounded here to the opmath each step uses.
 template <bool F16C, typename E, typename M>
 TUE_ALWAYS_INLINE void ema_span_body(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
-  // the six fast_math_pair pairs (ema_kind.h): one opmath, one rounding into E
-  if constexpr (F16C && (std::is_same_v<E, at::Half> || std::is_same_v<M, at::Half>) &&
-                (std::is_same_v<E, M> || std::is_same_v<E, float>)) {
-    // a half EMA or model: the same math a block at a time, converted 8 at a time (load_block/store_block)
+  using P = EmaPair<CpuHalfs, E, M>;  // NOTE [pair rule]
+  if constexpr (P::kOneRounding && F16C && (std::is_same_v<E, at::Half> || std::is_same_v<M, at::Half>)) {
+    // a half EMA or model: one opmath (float), one rounding, a block at a time, converted 8 at a time
     const float od = static_cast<float>(d), oo = static_cast<float>(omd);
-    fast_blocked<E, M>(static_cast<E*>(e), static_cast<const M*>(m), n, od, oo, lerp);
-  } else if constexpr (std::is_same_v<E, M> || (std::is_same_v<E, float> && !std::is_same_v<M, double>)) {
+    one_rounding_blocked<E, M>(static_cast<E*>(e), static_cast<const M*>(m), n, od, oo, lerp);
+  } else if constexpr (P::kOneRounding) {
     using O = typename Cpu<E>::Op;
     const O od = static_cast<O>(d), oo = static_cast<O>(omd);
     if (lerp)
@@ -186,8 +194,7 @@ TUE_ALWAYS_INLINE void ema_span_body(void* e, const void* m, int64_t n, double d
         return static_cast<E>(ema_yolov5<O>(static_cast<O>(v), static_cast<O>(x), od, oo));
       });
   } else {
-    using W = std::conditional_t<std::is_same_v<E, double> || std::is_same_v<M, double>, double, float>;
-    seed_span<F16C, E, M, W>(static_cast<E*>(e), static_cast<const M*>(m), n, d, omd, lerp);
+    seed_span<F16C, E, M, typename P::W>(static_cast<E*>(e), static_cast<const M*>(m), n, d, omd, lerp);
   }
 }
 
@@ -202,24 +209,9 @@ void ema_span(void* e, const void* m, int64_t n, double d, double omd, bool lerp
   ema_span_body<false, E, M>(e, m, n, d, omd, lerp);
 }
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void with_dtype(EmaDtype t, F&& f) {
-  switch (t) {
-    case EmaDtype::F32: return f(Tag<float>{});
-    case EmaDtype::F16: return f(Tag<at::Half>{});
-    case EmaDtype::BF16: return f(Tag<at::BFloat16>{});
-    case EmaDtype::F64: return f(Tag<double>{});
-  }
-}
-
 void ema_dispatch(EmaKind k, void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
-  with_dtype(ema_dtype_of(k), [&](auto et) {
-    with_dtype(model_dtype_of(k), [&](auto mt) {
+  with_dtype<CpuHalfs>(ema_dtype_of(k), [&](auto et) {
+    with_dtype<CpuHalfs>(model_dtype_of(k), [&](auto mt) {
       ema_span<typename decltype(et)::type, typename decltype(mt)::type>(e, m, n, d, omd, lerp);
     });
   });
@@ -295,6 +287,10 @@ bool any_nonfinite(const std::vector<Work>& work) {
 void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) {
   const double d = call.decay_tensor ? call.decay_tensor->item<double>() : call.decay;
   const double omd = 1.0 - d;  // in double, then rounded per kind: the seed's (1 - d) is a Python float
+  if (d == 1.0) {  // [exact ends] (nonfinite.h): nothing written, nothing checked
+    if (call.guard) call.guard->data_ptr<int64_t>()[0] = 0;
+    return;
+  }
 
   const EmaSpans spans(call, ema, model);
   int64_t total = 0;
@@ -314,6 +310,10 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
     g[1] += g[0];
     if (g[0]) return;  // nothing written (the contiguous copies of strided pairs are dropped)
   }
+  if (d == 0.0) {  // [exact ends]: the model's values, as copy_ converts them
+    at::_foreach_copy_(ema, model);
+    return;
+  }
   parallel_items(
       CpuKernel::EmaUpdate, static_cast<int64_t>(work.size()),
       [&](int64_t w) { return work[w].n * (2 * work[w].e_size + work[w].m_size); },
@@ -328,13 +328,8 @@ void ema_run_cpu(const EmaCall& call, at::TensorList ema, at::TensorList model) 
   spans.write_back();
 }
 
-const EmaRunnerRegistration register_cpu_runner(c10::DeviceType::CPU, &ema_run_cpu);
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchutils_ext, CPU, m) {
-  m.impl("ema_update_.Scalar", &ema_update_scalar<&ema_run_cpu>);
-  m.impl("ema_update_.Tensor", &ema_update_tensor<&ema_run_cpu>);
-}
-
 }  // namespace torchutils_ext
+
+TUE_REGISTER_EMA_RUNNER(CPU, torchutils_ext::ema_run_cpu)

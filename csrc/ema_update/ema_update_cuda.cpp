@@ -40,13 +40,8 @@ void ema_run_cuda(const EmaCall& call, at::TensorList ema, at::TensorList model)
   spans.write_back();
 }
 
-const EmaRunnerRegistration register_cuda_runner(c10::DeviceType::CUDA, &ema_run_cuda);
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchutils_ext, CUDA, m) {
-  m.impl("ema_update_.Scalar", &ema_update_scalar<&ema_run_cuda>);
-  m.impl("ema_update_.Tensor", &ema_update_tensor<&ema_run_cuda>);
-}
-
 }  // namespace torchutils_ext
+
+TUE_REGISTER_EMA_RUNNER(CUDA, torchutils_ext::ema_run_cuda)

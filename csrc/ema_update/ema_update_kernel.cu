@@ -51,30 +51,51 @@ template <> struct Dev<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 down(double x) { return __float2bfloat16_rn(__double2float_rn(x)); }
 };
 
-// The per-element update of one (E, M) pair: the six fast_math_pair pairs (ema_kind.h) in one opmath rounded
-// once into E, the others by the seed's three steps. d and 1 - d arrive as float64 (the seed's Python floats).
+// Dev<T> with the round() the seed steps take.
+template <typename T>
+struct DevSteps : Dev<T> {
+  using Op = typename Dev<T>::Op;
+  static __device__ __forceinline__ void round(Op* x, int n) {
+    for (int i = 0; i < n; ++i) x[i] = Dev<T>::up(Dev<T>::down(x[i]));
+  }
+};
+
+struct DevHalfs {
+  using f16 = __half;
+  using bf16 = __nv_bfloat16;
+};
+
+// The per-element update of one (E, M) pair: NOTE [pair rule] (ema_kind.h) the six one-rounding pairs in one
+// opmath rounded once into E, the others by NOTE [seed steps] (ema_math.h). d and 1 - d arrive as float64 (the
+// seed's Python floats).
 template <typename E, typename M>
 struct EmaOp {
-  static constexpr bool kFast =
-      std::is_same<E, M>::value || (std::is_same<E, float>::value && !std::is_same<M, double>::value);
-  using W = typename std::conditional<std::is_same<E, double>::value || std::is_same<M, double>::value, double,
-                                      float>::type;
-  using O = typename std::conditional<kFast, typename Dev<E>::Op, W>::type;
+  using P = EmaPair<DevHalfs, E, M>;
+  static constexpr bool kOneRounding = P::kOneRounding;
+  using W = typename P::W;
+  using O = std::conditional_t<kOneRounding, typename Dev<E>::Op, W>;
   typename Dev<E>::Op d;
   typename Dev<M>::Op omd;
   O w;  // 1 - d for lerp
   bool lerp;
+  bool copy;  // [exact ends] (nonfinite.h): decay 0 writes the model's values, converted as copy_ converts them
 
   __device__ __forceinline__ EmaOp(double dd, bool lerp_)
       : d(static_cast<typename Dev<E>::Op>(dd)), omd(static_cast<typename Dev<M>::Op>(1.0 - dd)),
-        w(static_cast<O>(1.0 - dd)), lerp(lerp_) {}
+        w(static_cast<O>(1.0 - dd)), lerp(lerp_), copy(dd == 0.0) {}
 
   __device__ __forceinline__ E operator()(E e, M m) const {
-    if constexpr (kFast) {
+    if (copy) return Dev<E>::down(Dev<M>::up(m));
+    if constexpr (kOneRounding) {
       const O v = Dev<E>::up(e), x = static_cast<O>(Dev<M>::up(m));
       return Dev<E>::down(lerp ? ema_lerp<O>(v, x, w) : ema_yolov5<O>(v, x, static_cast<O>(d), static_cast<O>(omd)));
     } else {
-      return lerp ? ema_seed_lerp<Dev, E, M, W>(e, m, w) : ema_seed_yolov5<Dev, E, M, W>(e, m, d, omd);
+      typename Dev<E>::Op a = Dev<E>::up(e);
+      typename Dev<M>::Op b = Dev<M>::up(m);
+      W s;
+      if (lerp) seed_lerp_steps<DevSteps, E, M, W>(&a, &b, &s, 1, w);
+      else seed_yolov5_steps<DevSteps, E, M, W>(&a, &b, &s, 1, d, omd);
+      return Dev<E>::down(s);
     }
   }
 };
@@ -102,21 +123,6 @@ __device__ void ema_chunk(E* e, const M* m, int64_t n, double dd, bool lerp) {
     ev[i] = a;
   }
   for (int64_t i = hi + threadIdx.x; i < n; i += blockDim.x) e[i] = op(e[i], m[i]);
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-__device__ __forceinline__ void with_dtype(EmaDtype t, F&& f) {
-  switch (t) {
-    case EmaDtype::F32: return f(Tag<float>{});
-    case EmaDtype::F16: return f(Tag<__half>{});
-    case EmaDtype::BF16: return f(Tag<__nv_bfloat16>{});
-    case EmaDtype::F64: return f(Tag<double>{});
-  }
 }
 
 // This block's slice of the table: kChunk elements (fewer at an entry's end) of one pair.
@@ -163,20 +169,23 @@ __device__ __noinline__ bool slice_nonfinite(const void* m, int64_t n, EmaDtype 
 }
 
 // Each block tests its chunk of the model (and the decay); the first block to find a NaN/Inf or a decay out of
-// [0, 1] sets guard[0] (zeroed before the launch) and counts the skip in guard[1].
+// [0, 1] sets guard[0] (zeroed before the launch) and counts the skip in guard[1]. A decay of exactly 1 checks
+// nothing: [exact ends] (nonfinite.h).
 template <int CAP>
 __global__ void __launch_bounds__(kThreads)
-nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double,
+nonfinite_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_double, double dval,
                  unsigned long long* guard) {
+  const double dd = read_decay(dptr, d_is_double, dval);
+  if (dd == 1.0) return;  // [exact ends]: nothing checked, guard[0] stays 0
   const EmaSlice s = slice_of(t);
   bool hit = slice_nonfinite(s.m, s.n, model_dtype_of(s.kind));
-  if (threadIdx.x == 0 && dptr != nullptr) hit |= !decay_ok(read_decay(dptr, d_is_double, 0.0));
+  if (threadIdx.x == 0) hit |= !decay_ok(dd);
   if (__syncthreads_or(hit) && threadIdx.x == 0 && atomicCAS(&guard[0], 0ull, 1ull) == 0ull) atomicAdd(&guard[1], 1ull);
 }
 
 __device__ __noinline__ void ema_slice(EmaSlice s, double dd, bool lerp) {
-  with_dtype(ema_dtype_of(s.kind), [&](auto et) {
-    with_dtype(model_dtype_of(s.kind), [&](auto mt) {
+  with_dtype<DevHalfs>(ema_dtype_of(s.kind), [&](auto et) {
+    with_dtype<DevHalfs>(model_dtype_of(s.kind), [&](auto mt) {
       using E = typename decltype(et)::type;
       using M = typename decltype(mt)::type;
       ema_chunk<E, M>(static_cast<E*>(s.e), static_cast<const M*>(s.m), s.n, dd, lerp);
@@ -191,7 +200,7 @@ ema_kernel(const __grid_constant__ EmaTable<CAP> t, const void* dptr, bool d_is_
   if (skip != nullptr && *skip) return;  // the guard found a NaN/Inf or a bad decay: nothing is written
   // decay read on the device: no host sync, and a captured graph sees the tensor's current value
   const double dd = read_decay(dptr, d_is_double, dval);
-  if (!decay_ok(dd)) return;  // [decay tensor]
+  if (!decay_ok(dd) || dd == 1.0) return;  // [decay tensor]; [exact ends]: 1 writes nothing
   ema_slice(slice_of(t), dd, lerp);
 }
 
@@ -214,7 +223,7 @@ cudaError_t launch_cap(const EmaSpan* entries, int n, EmaDecay decay, bool lerp,
   if (g != nullptr) {  // every table's check before any table's update: the whole EMA or nothing
     const cudaError_t err =
         pack_and_launch<EmaTable<CAP>, CAP>(entries, n, fill, [&](const EmaTable<CAP>& t, unsigned blocks) {
-          nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, g);
+          nonfinite_kernel<CAP><<<blocks, kThreads, 0, stream>>>(t, decay.ptr, decay.is_double, decay.value, g);
         });
     if (err != cudaSuccess) return err;
   }

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/List.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <vector>
@@ -87,3 +88,11 @@ void fold_inplace(at::TensorList weight, at::TensorList bias_out, const OptTenso
 }
 
 }  // namespace torchutils_ext
+
+// A device's FoldInto registered as both ops for dispatch key KEY: the one registration a new device adds (the
+// shape of TUE_REGISTER_EMA_RUNNER). Use at namespace scope, outside any namespace.
+#define TUE_REGISTER_FOLD(KEY, FOLD)                                              \
+  TORCH_LIBRARY_IMPL(torchutils_ext, KEY, m) {                                    \
+    m.impl("fold_conv_bn", &::torchutils_ext::fold_functional<&FOLD>);           \
+    m.impl("fold_conv_bn_", &::torchutils_ext::fold_inplace<&FOLD>);             \
+  }

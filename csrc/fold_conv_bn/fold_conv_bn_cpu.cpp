@@ -173,9 +173,6 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchutils_ext, CPU, m) {
-  m.impl("fold_conv_bn", &fold_functional<&fold_into>);
-  m.impl("fold_conv_bn_", &fold_inplace<&fold_into>);
-}
-
 }  // namespace torchutils_ext
+
+TUE_REGISTER_FOLD(CPU, torchutils_ext::fold_into)

@@ -3,6 +3,9 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <tuple>
+#include <utility>
+
 namespace torchutils_ext {
 namespace {
 
@@ -72,24 +75,24 @@ std::vector<StateWatch::Entry> parse(PyObject* list, std::vector<Ref>& held, con
 
 }  // namespace
 
-StateWatch::StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* fast, PyObject* full,
+StateWatch::StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* every_step, PyObject* full,
                        PyObject* generation, Py_ssize_t slots)
     : ema_ref_(ema_ref), model_ref_(model_ref), generation_(generation) {
   TORCH_CHECK_TYPE(PyWeakref_CheckRef(ema_ref) && PyWeakref_CheckRef(model_ref),
                    "watch_new: the two modules are passed as weakrefs");
   TORCH_CHECK_TYPE(PyList_Check(generation) && PyList_GET_SIZE(generation) == 1,
                    "watch_new: generation must be a one-element list");
-  fast_ = parse(fast, held_, "fast");
+  every_step_ = parse(every_step, held_, "every_step");
   full_ = parse(full, held_, "full");
   seen_generation_ = PyLong_AsLongLong(PyList_GET_ITEM(generation, 0));
   if (seen_generation_ == -1 && PyErr_Occurred()) throw python_error();
   seen_.resize(slots);
-  for (const Entry& e : fast_) {
+  for (const Entry& e : every_step_) {
     TORCH_CHECK_VALUE(e.kind != kTensor || (e.slot >= 0 && e.slot < slots), "watch_new: slot out of range");
     TORCH_CHECK_VALUE(e.kind != kSame || (e.slot >= 0 && e.slot < slots), "watch_new: slot out of range");
   }
   // record each slot's tensor as it is now
-  for (const Entry& e : fast_) {
+  for (const Entry& e : every_step_) {
     if (e.kind != kTensor) continue;
     bool error = false;
     PyObject* obj = lookup(e.box, e.key, &error);
@@ -99,12 +102,21 @@ StateWatch::StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* fast, P
   }
 }
 
+// Where a tensor's elements lie, read inline: its storage's data and its offset in elements (TensorImpl::data()
+// reaches the same through an out-of-line call and more checks; this is per tensor per step). A tensor without
+// storage takes data(), which raises as data_ptr() does.
+static std::pair<const void*, int64_t> where_of(const c10::TensorImpl* impl) {
+  const c10::Storage& st = impl->unsafe_storage();
+  if (!st) return {impl->data(), 0};
+  return {st.unsafeGetStorageImpl()->data(), impl->storage_offset()};
+}
+
 void StateWatch::record(Py_ssize_t slot, PyObject* obj) {
   const at::Tensor& t = THPVariable_Unpack(obj);
   Seen& s = seen_[slot];
   s.type = Py_TYPE(obj);
-  s.ptr = t.data_ptr();
-  s.dtype = t.scalar_type();
+  std::tie(s.ptr, s.offset) = where_of(t.unsafeGetTensorImpl());
+  s.dtype = t.dtype();
   s.device = t.device();
   s.dim = t.dim();
   s.off = static_cast<int64_t>(shape_.size());
@@ -115,10 +127,10 @@ void StateWatch::record(Py_ssize_t slot, PyObject* obj) {
 bool StateWatch::matches(Py_ssize_t slot, PyObject* obj) const {
   const Seen& s = seen_[slot];
   if (Py_TYPE(obj) != s.type) return false;  // recorded as a tensor type: the same type is one
-  const at::Tensor& t = THPVariable_Unpack(obj);
+  const c10::TensorImpl* impl = THPVariable_Unpack(obj).unsafeGetTensorImpl();
+  if (impl->dtype() != s.dtype || impl->dim() != s.dim || impl->device() != s.device) return false;
   const at::IntArrayRef sizes(shape_.data() + s.off, s.dim), strides(shape_.data() + s.off + s.dim, s.dim);
-  return t.data_ptr() == s.ptr && t.scalar_type() == s.dtype && t.device() == s.device && t.sizes() == sizes &&
-         t.strides() == strides;
+  return impl->sizes() == sizes && impl->strides() == strides && where_of(impl) == std::make_pair(s.ptr, s.offset);
 }
 
 // NOTE: right after a training step the watched objects are out of cache, and each check is a chain of dependent
@@ -173,7 +185,7 @@ int StateWatch::read(PyObject* ema, PyObject* model, std::vector<PyObject*>& out
     seen_generation_ = generation;
   }
   out.resize(seen_.size());  // every slot is written by its kTensor entry
-  return walk(fast_, &out);
+  return walk(every_step_, &out);
 }
 
 StateWatch* watch_from(PyObject* capsule) {
@@ -186,13 +198,13 @@ StateWatch* watch_from(PyObject* capsule) {
 
 PyObject* watch_new(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *ema_ref, *model_ref, *fast, *full, *generation;
+  PyObject *ema_ref, *model_ref, *every_step, *full, *generation;
   Py_ssize_t slots;
-  if (!PyArg_ParseTuple(args, "OOO!O!O!n", &ema_ref, &model_ref, &PyList_Type, &fast, &PyList_Type, &full,
+  if (!PyArg_ParseTuple(args, "OOO!O!O!n", &ema_ref, &model_ref, &PyList_Type, &every_step, &PyList_Type, &full,
                         &PyList_Type, &generation, &slots))
     return nullptr;
   TORCH_CHECK_VALUE(slots >= 0, "watch_new: slots must be >= 0");
-  auto* watch = new StateWatch(ema_ref, model_ref, fast, full, generation, slots);
+  auto* watch = new StateWatch(ema_ref, model_ref, every_step, full, generation, slots);
   PyObject* capsule = PyCapsule_New(watch, kName, destroy);
   if (capsule == nullptr) delete watch;
   return capsule;

@@ -38,7 +38,7 @@ class StateWatch {
   };
 
   // Takes the entry lists from Python (see _ema_plan.Layout) and records every watched tensor's metadata.
-  StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* fast, PyObject* full, PyObject* generation,
+  StateWatch(PyObject* ema_ref, PyObject* model_ref, PyObject* every_step, PyObject* full, PyObject* generation,
              Py_ssize_t slots);
   StateWatch(const StateWatch&) = delete;
   StateWatch& operator=(const StateWatch&) = delete;
@@ -50,8 +50,9 @@ class StateWatch {
  private:
   struct Seen {  // one slot's tensor as recorded; sizes and strides live in shape_[off, off + 2 * dim)
     PyTypeObject* type = nullptr;
-    const void* ptr = nullptr;
-    at::ScalarType dtype = at::ScalarType::Undefined;
+    const void* ptr = nullptr;  // the storage's data (where_of in watch.cpp)
+    int64_t offset = 0;         // and the tensor's offset into it, in elements
+    caffe2::TypeMeta dtype;
     at::Device device = at::kCPU;
     int64_t dim = 0, off = 0;
   };
@@ -62,7 +63,7 @@ class StateWatch {
   Ref ema_ref_, model_ref_, generation_;
   long long seen_generation_ = 0;
   std::vector<Ref> held_;  // every container and key the entries point to
-  std::vector<Entry> fast_, full_;
+  std::vector<Entry> every_step_, full_;  // walked each step / when the registration generation moved
   std::vector<Seen> seen_;
   std::vector<int64_t> shape_;
 };

@@ -1,4 +1,5 @@
-"""Pure-torch twins of the compiled ops: the fallback on CPU/MPS/any device, and the tests' second opinion.
+"""The pure-torch backend: one twin per compiled op, the path on CPU/MPS/any device without the built library.
+Tuned, not an oracle: the tests compare both backends with their own float64 references.
 
 Each function has the same contract and numerics as its compiled op (same rounding steps, no FMA), built on
 the fastest torch primitives (``torch._foreach_*``, broadcasting, ``count_nonzero``).
@@ -10,7 +11,8 @@ from collections import defaultdict
 
 import torch
 
-from ._validate import SEED_ROUNDING_PAIRS, check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
+from . import _validate
+from ._validate import check_ema_args, check_fold_args, check_fold_inplace, decay_is_valid
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -43,7 +45,7 @@ def ema_update_(ema, model, decay, mode: str = 'yolov5', guard=None) -> None:
     """
     decay, decay_tensor = (0.0, decay) if isinstance(decay, torch.Tensor) else (decay, None)
     check_ema_args(ema, model, decay, decay_tensor, mode, guard)
-    EmaGroups(ema, model).apply(list(ema), list(model), decay, decay_tensor, mode, guard)
+    EmaGroups(ema, model).apply(list(ema), list(model), decay, decay_tensor, mode, guard)  # [exact ends] always
 
 
 def nonfinite(tensors):
@@ -157,7 +159,7 @@ class _Group:
         self.op = _opmath(edt)
         self.shapes = [e.shape for e in es]  # what the plans are cut to (a plan proves them unchanged)
         self.plans = {}  # per mode, built at the first update that needs one
-        self.seed_math = (edt, mdt) in SEED_ROUNDING_PAIRS
+        self.seed_math = (edt, mdt) in _validate.SEED_ROUNDING_PAIRS
 
     def apply(self, es, ms, d, omd, mode):
         with torch.no_grad():
@@ -209,12 +211,21 @@ class EmaGroups:
         self.groups = [(idx, _Group(device, edt, mdt, _pick(idx, ema), _pick(idx, model)))
                        for (device, edt, mdt), idx in groups.items()]
 
-    def apply(self, ema, model, decay, decay_tensor, mode, guard=None):
+    def apply(self, ema, model, decay, decay_tensor, mode, guard=None, ends=True):
+        """NOTE [exact ends]: a decay of exactly 1 writes nothing (and checks nothing: the guard reports no skip),
+        one of exactly 0 copies the model (as ``copy_`` converts it), as the kernels do: the formula would turn an
+        Inf into NaN (0 * inf) and -0.0 into +0.0 there. A decay only the device knows (a device tensor, or any
+        tensor while traced) is selected for on the device, when ``ends`` says it may be 0 or 1."""
         d, omd = _decay_pair(decay, decay_tensor)
         # a decay tensor whose value was not checked on the host (on a device, or traced): [decay tensor]
         unread = decay_tensor is not None and (decay_tensor.device.type != 'cpu' or torch.compiler.is_compiling())
-        if guard is None and not unread:
-            self._update(ema, model, d, omd, mode)
+        value = None if unread else decay if decay_tensor is None else float(decay_tensor)  # a CPU read: no sync
+        if value == 1.0:
+            if guard is not None:
+                guard[0] = 0
+            return
+        if guard is None and not unread:  # the seed's path: no context entered here (each group enters no_grad)
+            self._write(ema, model, d, omd, mode, value)
             return
         with torch.no_grad():
             device = ema[0].device if ema else (guard if guard is not None else decay_tensor).device
@@ -222,21 +233,42 @@ class EmaGroups:
             if unread:
                 invalid = ~decay_is_valid(decay_tensor).to(device)
                 bad = invalid if bad is None else bad | invalid
-            if guard is not None and guard.device.type == 'cpu' and not torch.compiler.is_compiling():
+            elif guard.device.type == 'cpu' and not torch.compiler.is_compiling():
                 skip = bool(bad)  # a CPU read is no device sync
                 guard[0] = int(skip)
                 guard[1] += int(skip)
                 if not skip:
-                    self._update(ema, model, d, omd, mode)
+                    self._write(ema, model, d, omd, mode, value)
                 return
-            # on a device (or traced): no host sync; the update runs, and the old values stay where bad is true
-            before = [e.clone() for e in ema]
+            self._on_device(ema, model, d, omd, mode, guard, bad, value, ends and unread, device)
+
+    def _write(self, ema, model, d, omd, mode, value):
+        if value == 0.0:
+            with torch.no_grad():
+                torch._foreach_copy_(ema, model)
+        else:
             self._update(ema, model, d, omd, mode)
+
+    def _on_device(self, ema, model, d, omd, mode, guard, bad, value, ends, device):
+        """The update with no host sync: computed, then the old values kept where the step must not write (``bad``:
+        the guard found a NaN/Inf or the decay is invalid; or the decay is 1) and the model's taken where the decay
+        is 0. ``ends``: the decay is a device value that may be 0 or 1."""
+        copy, hold = None, bad
+        if ends:
+            one, copy = (d == 1).to(device), (d == 0).to(device)
+            bad = None if bad is None else bad & ~one  # a step that writes nothing skips nothing
+            hold = one if bad is None else bad | one
+        before = None if hold is None else [e.clone() for e in ema]
+        self._write(ema, model, d, omd, mode, value)
+        if copy is not None:
+            for e, m in zip(ema, model):
+                e.copy_(torch.where(copy, m, e))
+        if before is not None:
             for e, b in zip(ema, before):
-                e.copy_(torch.where(bad, b, e))
-            if guard is not None:
-                guard[0].copy_(bad)
-                guard[1].add_(bad.long())
+                e.copy_(torch.where(hold, b, e))
+        if guard is not None:
+            guard[0].copy_(bad)
+            guard[1].add_(bad.long())
 
     def _update(self, ema, model, d, omd, mode):
         if len(self.groups) == 1:
