@@ -164,8 +164,12 @@ def _extensions():
 
     # torch picks the C++ standard (17 or 20 by version). -ffp-contract=off keeps the "yolov5" EMA mode
     # bit-exact (no FMA); -g0 halves compile time.
-    cxx = ['-O3', '-g0', '-ffp-contract=off', '-fno-math-errno']
-    # one folder per op (validation, CPU kernel, CUDA glue *_cuda.cpp and kernel *.cu) plus common/ and python/
+    # DEBUG=1: -O0 -g for a debugger (and -G device code); not for benchmarks.
+    debug = os.environ.get('DEBUG') == '1'
+    cxx = ['-O0', '-g'] if debug else ['-O3', '-g0']
+    cxx += ['-ffp-contract=off', '-fno-math-errno']
+    # Sources by suffix, the one selection rule: every csrc/**/*.cpp builds, except *_cuda.cpp (CUDA glue), which
+    # builds with csrc/**/*.cu only when the CUDA kernels do.
     cpp = _sources('csrc/**/*.cpp')
     srcs = [p for p in cpp if not p.endswith('_cuda.cpp')]
     include_dirs = [os.path.join(ROOT, 'csrc')]
@@ -200,9 +204,8 @@ def _extensions():
     # The kernels round each product and sum once by construction (rounding intrinsics, csrc/common/rounding.h;
     # scripts/check_sass.py proves in CI that they hold no contracted multiply-add without --fmad=false).
     # --fmad=false stays as a second guard for any plain `a * b + c` a later change might add.
-    nvcc = ['-O3', '--fmad=false', '-lineinfo', '--expt-relaxed-constexpr']
+    nvcc = (['-O0', '-g', '-G'] if debug else ['-O3', '-lineinfo']) + ['--fmad=false', '--expt-relaxed-constexpr']
     ext = cpp_extension.CUDAExtension('torchutils_ext._C', srcs, include_dirs=include_dirs,
-                                      define_macros=[('TORCHUTILS_EXT_WITH_CUDA', '1')],
                                       extra_compile_args={'cxx': cxx, 'nvcc': nvcc}, extra_link_args=omp_lflags)
     return [ext], build_info
 
