@@ -4,7 +4,7 @@
 
 #include "../common/parallel.h"
 #include "../common/simd.h"
-#include "zero_bits.h"
+#include "count_args.h"
 
 namespace torchutils_ext {
 namespace {
@@ -50,22 +50,12 @@ struct Work {
 };
 
 at::Tensor count_zeros_cpu(at::TensorList tensors) {
+  const CountArgs a = check_count_args(tensors, c10::DeviceType::CPU);
+  const std::vector<ZeroBits>& bits = a.bits;
+  const std::vector<bool>& direct = a.direct;
   std::vector<Work> work;
-  std::vector<ZeroBits> bits;
   int64_t total = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "count_zeros: tensors[", i, "] is on ", t.device(),
-                      "; the CPU kernel takes CPU tensors only");
-    bits.push_back(zero_bits(t.scalar_type()));
-  }
-  std::vector<bool> direct(tensors.size());
-  int64_t elems = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    // dense with positive strides: data_ptr is the lowest address and the elements fill numel slots
-    direct[i] = bits[i].supported && tensors[i].is_non_overlapping_and_dense();
-    elems += direct[i] ? tensors[i].numel() : 0;
-  }
+  const int64_t elems = a.direct_elems;
   const int64_t chunk = item_elems(elems, kChunk);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
@@ -95,6 +85,6 @@ at::Tensor count_zeros_cpu(at::TensorList tensors) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchutils_ext, CPU, m) { m.impl("count_zeros", &count_zeros_cpu); }
-
 }  // namespace torchutils_ext
+
+TUE_REGISTER_COUNT(CPU, torchutils_ext::count_zeros_cpu)

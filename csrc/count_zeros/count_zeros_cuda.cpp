@@ -6,14 +6,14 @@
 
 #include "../common/cuda_host.h"
 #include "count_zeros_kernel.h"
-#include "zero_bits.h"
+#include "count_args.h"
 
 namespace torchutils_ext {
 namespace {
 
 at::Tensor count_zeros_cuda(at::TensorList tensors) {
-  check_cuda(tensors, "count_zeros");
-  TORCH_CHECK_VALUE(!tensors.empty(), "count_zeros: empty list on the CUDA kernel");
+  const CountArgs a = check_count_args(tensors, c10::DeviceType::CUDA);
+  if (tensors.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor out = at::empty({}, tensors[0].options().dtype(at::kLong));
@@ -21,10 +21,8 @@ at::Tensor count_zeros_cuda(at::TensorList tensors) {
   std::vector<cuda::ZeroEntry> entries;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    TORCH_CHECK_VALUE(t.device() == tensors[0].device(), "count_zeros: tensors[", i, "] is on ", t.device(),
-                      ", tensors[0] on ", tensors[0].device());
-    const ZeroBits z = zero_bits(t.scalar_type());
-    if (z.supported && t.is_non_overlapping_and_dense()) {
+    const ZeroBits& z = a.bits[i];
+    if (a.direct[i]) {
       if (t.numel()) entries.push_back({t.data_ptr(), t.numel(), z.mask, z.elem_size});
     } else {
       out.add_(t.eq(0).sum());  // eq serves more dtypes than count_nonzero
@@ -38,6 +36,6 @@ at::Tensor count_zeros_cuda(at::TensorList tensors) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchutils_ext, CUDA, m) { m.impl("count_zeros", &count_zeros_cuda); }
-
 }  // namespace torchutils_ext
+
+TUE_REGISTER_COUNT(CUDA, torchutils_ext::count_zeros_cuda)
