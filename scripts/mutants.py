@@ -42,7 +42,8 @@ DEVICE = ('test_device.py',)
 # (name, file, text, replacement, test files)
 MUTANTS = [
     ('ema decay step uses updates, not updates + 1', 'torchutils_ext/ema.py',
-     'return self.decay(self._updates + 1), None', 'return self.decay(self._updates), None', EMA),
+     'return (self.decay(self._updates + 1) if decay is None else decay), None',
+     'return (self.decay(self._updates) if decay is None else decay), None', EMA),
     ('twin EMA rounding order: one fused multiply-add instead of the seed steps', 'torchutils_ext/_torch_ops.py',
      '        tmp = ms if scratch_is_free else None\n        if tmp is None:\n            tmp = torch._foreach_mul(ms, omd)'
      '\n        else:\n            torch._foreach_mul_(tmp, omd)\n        torch._foreach_mul_(es, d)\n'
@@ -76,8 +77,8 @@ MUTANTS = [
     ('guard: the twin never finds a NaN/Inf', 'torchutils_ext/_torch_ops.py',
      '        if all(ok):\n            return torch.zeros((), dtype=torch.bool)',
      '        if True:\n            return torch.zeros((), dtype=torch.bool)', GUARD),
-    ('capturable ramp from updates, not updates + 1', 'torchutils_ext/ema.py', '(count + 1).clamp_(',
-     '(count).clamp_(', GUARD),
+    ('capturable ramp from updates, not updates + 1', 'torchutils_ext/_ema_schedule.py', '    u = count + 1\n',
+     '    u = count\n', GUARD),
     ('decay tensor: one sharing memory with the EMA is not refused', 'torchutils_ext/_validate.py',
      '        if s is not None and s[0] < span[1] and span[0] < s[1] and _share_memory(decay_tensor, span, t, s):',
      '        if False:', ('test_ops_ema.py',)),
