@@ -1,4 +1,4 @@
-"""DESIGN §4 speed targets for our rows, stated as ratios. Printed as met / short; they never fail a run.
+"""The speed targets for our rows, stated as ratios. Printed as met / short; they never fail a run.
 
 Each target: (metric, op, value); metrics are row keys: median_ms (CUDA only), vs_seed, vs_best (vs the fastest
 correct row that is not ours), vs_peer (vs the fastest correct pure-torch peer with our numerics), pct_roof (vs
@@ -6,8 +6,8 @@ the 256 MiB roofline), pct_limit (vs a same-bytes add_ after the same flush, tim
 not pay the flushed cache's write-back), launches.
 """
 
-# Ratios, measured in the same run, so that they carry over to any machine (the absolute times DESIGN quotes
-# were one VM's): x seed, x the best peer, % of the same-bytes limit.
+# Ratios, measured in the same run, so that they carry over to any machine (absolute times would be one
+# machine's): x seed, x the best peer, % of the same-bytes limit.
 _CPU = {
     ('ema', 's'): [('pct_limit', '>=', 90), ('vs_seed', '>=', 4)],
     ('ema', 'n'): [('vs_best', '>=', 1.15)],
