@@ -5,23 +5,14 @@
 #include <cmath>
 #include <string>
 
+#include "../common/float_dtype_aten.h"
 #include "../common/overlap.h"
 
 namespace torchutils_ext {
 namespace {
 
-std::optional<EmaDtype> ema_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return EmaDtype::F32;
-    case at::kHalf: return EmaDtype::F16;
-    case at::kBFloat16: return EmaDtype::BF16;
-    case at::kDouble: return EmaDtype::F64;
-    default: return std::nullopt;
-  }
-}
-
 std::optional<EmaKind> kind_of(at::ScalarType e, at::ScalarType m) {
-  const auto de = ema_dtype(e), dm = ema_dtype(m);
+  const auto de = float_dtype(e), dm = float_dtype(m);
   if (!de || !dm) return std::nullopt;
   return ema_kind(*de, *dm);
 }

@@ -2,14 +2,12 @@
 // pairs, and the pair rule. Plain constexpr functions, no ATen: the CUDA kernels include this too.
 #pragma once
 #include <cstdint>
-#include <type_traits>
 
-#include "../common/host_device.h"
+#include "../common/float_dtype.h"
 
 namespace torchutils_ext {
 
-enum class EmaDtype : uint8_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
-constexpr EmaDtype kEmaDtypes[] = {EmaDtype::F32, EmaDtype::F16, EmaDtype::BF16, EmaDtype::F64};
+using EmaDtype = FloatDtype;  // an EMA or model element type (common/float_dtype.h)
 enum class EmaKind : uint8_t {};
 constexpr int kEmaKinds = 16;
 
@@ -28,42 +26,6 @@ constexpr bool one_rounding_pair(EmaDtype e, EmaDtype m) {
 }
 // The seed's sum is taken in the wider of the two opmath types: double when either side is fp64.
 constexpr bool sums_in_double(EmaDtype e, EmaDtype m) { return e == EmaDtype::F64 || m == EmaDtype::F64; }
-
-constexpr int element_size(EmaDtype t) { return t == EmaDtype::F32 ? 4 : t == EmaDtype::F64 ? 8 : 2; }
-// torch's name of the dtype (torch.<name>)
-constexpr const char* dtype_name(EmaDtype t) {
-  return t == EmaDtype::F32 ? "float32" : t == EmaDtype::F16 ? "float16" : t == EmaDtype::BF16 ? "bfloat16"
-                                                                                            : "float64";
-}
-
-// The element type of each code, per side: Halfs names the 16-bit types (at::Half/at::BFloat16 on the host,
-// __half/__nv_bfloat16 on the device).
-template <class Halfs, typename T>
-constexpr EmaDtype dtype_code() {
-  if constexpr (std::is_same_v<T, float>) return EmaDtype::F32;
-  else if constexpr (std::is_same_v<T, double>) return EmaDtype::F64;
-  else if constexpr (std::is_same_v<T, typename Halfs::f16>) return EmaDtype::F16;
-  else {
-    static_assert(std::is_same_v<T, typename Halfs::bf16>, "not an EMA element type");
-    return EmaDtype::BF16;
-  }
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// f(Tag<T>{}) with T the element type of code t.
-template <class Halfs, typename F>
-TUE_HD void with_dtype(EmaDtype t, F&& f) {
-  switch (t) {
-    case EmaDtype::F32: return f(Tag<float>{});
-    case EmaDtype::F16: return f(Tag<typename Halfs::f16>{});
-    case EmaDtype::BF16: return f(Tag<typename Halfs::bf16>{});
-    case EmaDtype::F64: return f(Tag<double>{});
-  }
-}
 
 // One (EMA, model) pair as the kernels walk it: two flat spans of numel elements.
 struct EmaSpan {

@@ -7,21 +7,12 @@
 #include <algorithm>
 
 #include "../common/cuda_host.h"
+#include "../common/float_dtype_aten.h"
 #include "fold_args.h"
 #include "fold_conv_bn_kernel.h"
 
 namespace torchutils_ext {
 namespace {
-
-std::optional<cuda::FoldDtype> fold_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::FoldDtype::F32;
-    case at::kHalf: return cuda::FoldDtype::F16;
-    case at::kBFloat16: return cuda::FoldDtype::BF16;
-    case at::kDouble: return cuda::FoldDtype::F64;
-    default: return std::nullopt;
-  }
-}
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 
@@ -36,7 +27,7 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
   ios.reserve(a.weight.size());
   for (size_t i = 0; i < a.weight.size(); ++i) {
     const auto& w = a.weight[i];
-    const auto dt = fold_dtype(w.scalar_type());
+    const auto dt = float_dtype(w.scalar_type());
     TORCH_CHECK_TYPE(dt.has_value(), "fold_conv_bn: weight[", i, "] has dtype ", w.scalar_type(),
                      "; the CUDA kernel takes float32/float16/bfloat16/float64");
     ios.push_back(rows_io(w, out_w[i], a.transposed_groups[i]));
@@ -65,7 +56,7 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
     // the per-channel scales of the group's layers, one scratch vector in the math type
     int64_t channels = 0;
     for (const auto& e : groups[g]) channels += e.C;
-    const auto op = static_cast<cuda::FoldDtype>(g) == cuda::FoldDtype::F64 ? at::kDouble : at::kFloat;
+    const auto op = static_cast<FloatDtype>(g) == FloatDtype::F64 ? at::kDouble : at::kFloat;
     hold.push_back(at::empty({channels}, a.weight[0].options().dtype(op)));
     auto* scale = static_cast<char*>(hold.back().data_ptr());
     for (auto& e : groups[g]) {
@@ -73,7 +64,7 @@ std::vector<at::Tensor> fold_into(const FoldArgs& a, const std::vector<at::Tenso
       scale += e.C * hold.back().element_size();
     }
     check_launch("fold_conv_bn", cuda::launch_fold(groups[g].data(), static_cast<int>(groups[g].size()),
-                                                   static_cast<cuda::FoldDtype>(g), stream));
+                                                   static_cast<FloatDtype>(g), stream));
   }
   for (const auto& io : ios) io.finish();  // layouts the kernel could not walk: copied back, stream-ordered
   return out_b;

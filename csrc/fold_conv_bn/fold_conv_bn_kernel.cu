@@ -117,12 +117,12 @@ cudaError_t launch_typed(const FoldEntry* entries, int n, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream) {
+cudaError_t launch_fold(const FoldEntry* entries, int n, FloatDtype dtype, cudaStream_t stream) {
   switch (dtype) {
-    case FoldDtype::F32: return launch_typed<float, float>(entries, n, stream);
-    case FoldDtype::F16: return launch_typed<__half, float>(entries, n, stream);
-    case FoldDtype::BF16: return launch_typed<__nv_bfloat16, float>(entries, n, stream);
-    case FoldDtype::F64: return launch_typed<double, double>(entries, n, stream);
+    case FloatDtype::F32: return launch_typed<float, float>(entries, n, stream);
+    case FloatDtype::F16: return launch_typed<__half, float>(entries, n, stream);
+    case FloatDtype::BF16: return launch_typed<__nv_bfloat16, float>(entries, n, stream);
+    case FloatDtype::F64: return launch_typed<double, double>(entries, n, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../common/float_dtype.h"
+
 namespace torchutils_ext {
 namespace cuda {
 
@@ -26,9 +28,8 @@ struct FoldEntry {
   int64_t numel, K, ipg, opg;
   int32_t C, vec_op;  // 32-bit: the table must stay within the kernel parameter limits
 };
-enum class FoldDtype : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 // Two launches per table (channels, then weights); returns the first launch error, launching nothing after it.
-cudaError_t launch_fold(const FoldEntry* entries, int n, FoldDtype dtype, cudaStream_t stream);
+cudaError_t launch_fold(const FoldEntry* entries, int n, FloatDtype dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torchutils_ext

@@ -12,8 +12,8 @@ PyObject* ema_pair_rule(PyObject*, PyObject*) {
   PyObject* out = PyTuple_New(kEmaKinds);
   if (out == nullptr) return nullptr;
   int i = 0;
-  for (EmaDtype e : kEmaDtypes)
-    for (EmaDtype m : kEmaDtypes) {
+  for (FloatDtype e : kFloatDtypes)
+    for (FloatDtype m : kFloatDtypes) {
       PyObject* row = Py_BuildValue("(ssO)", dtype_name(e), dtype_name(m), one_rounding_pair(e, m) ? Py_True : Py_False);
       if (row == nullptr) {
         Py_DECREF(out);
