@@ -45,7 +45,7 @@ class Report:
 
     def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note='', **extra):
         """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours' | 'limit' (a bandwidth yardstick,
-        not a competitor). timing None = row not run. extra: a bench's own columns (the training step's)."""
+        not a competitor) | 'read' (a read-only pass over the model: with the unguarded row, the guard's floor). timing None = row not run. extra: a bench's own columns (the training step's)."""
         row = {'bench': bench, 'model': model, 'impl': impl, 'role': role, 'bytes': bytes_moved,
                'launches': launches, 'check': check, 'note': note, **extra}
         row.update(timing or {'median_ms': None})
@@ -64,14 +64,21 @@ class Report:
                      and r['check'].startswith('ok')]
             twin = min(twins) if twins else None
             limit = next((r['median_ms'] for r in group if r['role'] == 'limit'), None)
+            reads = [r['median_ms'] for r in group if r['role'] == 'read']
+            plain = {r['impl']: r['median_ms'] for r in group if r['role'] == 'ours'}
             for r in group:
                 t = r['median_ms']
+                if r['role'] in ('limit', 'read'):  # yardsticks, not competitors: only their % roofline
+                    r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
+                                     if r['bytes'] and self.roof else None)
+                    continue
                 r['vs_seed'] = r.get('paired_vs_seed') or (seed / t if seed else None)  # a bench's own pairing
                 r['vs_best'] = best / t if best else None
                 r['vs_peer'] = twin / t if twin else None
                 r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
                                  if r['bytes'] and self.roof else None)
                 r['pct_limit'] = 100 * limit / t if limit else None
+                r['vs_floor'] = _vs_floor(r, plain, reads)
                 r['target'] = evaluate(r, self.device)
         order = {b: i for i, b in enumerate(TITLES)}
         self.rows.sort(key=lambda r: (order.get(r['bench'], 99), _model_key(r['model'])))
@@ -127,6 +134,15 @@ class Report:
         return stem
 
 
+def _vs_floor(row, plain, reads):
+    """A guarded EMA row's time / (its unguarded row + the fastest read-only pass over the model): the guard must
+    read every model value before it writes any (all or nothing), so that sum is its floor."""
+    unguarded = plain.get(row['impl'].replace(' skip_nonfinite', ''))
+    if 'skip_nonfinite' not in row['impl'] or not reads or not unguarded:
+        return None
+    return row['median_ms'] / (unguarded + min(reads))
+
+
 def _model_key(m):
     if m in ('n', 's', 'm', 'l', 'x'):
         return ('nsmlx'.index(m), '')
@@ -148,7 +164,12 @@ def _cells(r):
             _fmt(r.get('vs_seed'), '.2f'), _fmt(r.get('vs_best'), '.2f'),
             _fmt(r.get('vs_peer') if r['role'] == 'ours' and 'pure torch' in r['impl'] else None, '.2f'),
             _fmt(r.get('pct_roof'), '.0f'),
-            _fmt(r.get('pct_limit'), '.0f'), _fmt(r['launches'], 'd'), r['check'], ' '.join(x for x in (r.get('target', ''), r['note']) if x)]
+            _fmt(r.get('pct_limit'), '.0f'), _fmt(r['launches'], 'd'), r['check'],
+            ' '.join(x for x in (r.get('target', ''), _floor_note(r), r['note']) if x)]
+
+
+def _floor_note(r):
+    return f"{r['vs_floor']:.2f}x floor (unguarded + read)" if r.get('vs_floor') else ''
 
 
 def side_by_side(first, other_counts, default):

@@ -23,6 +23,9 @@ _CUDA = {
     ('ema', 'x'): [('pct_roof', '>=', 80)],
     ('ema-mixed', '*'): [('vs_best', '>=', 3)],
 }
+# The NaN/Inf guard's compiled rows against their floor (the unguarded update + a read-only pass over the model,
+# timed in the same run: bench_report._vs_floor), fp32 and bf16 model.
+_GUARD_CPU = {(b, m): [('vs_floor', '<=', 1.1)] for b in ('ema', 'ema-mixed') for m in 'sl'}
 # Our pure-torch rows, on every model and device: never slower than the seed, and at least as fast as the best
 # pure-torch peer with the same numerics (vs_peer; the peers are named in SAME_NUMERICS: for the fp32 EMA the
 # seed itself is one, its per-tensor temporaries stay in cache; with a bf16 model the seed rounds (1 - d) * m to
@@ -40,14 +43,16 @@ _THREADED = {('ema', m): [('x foreach lerp, cached lists', '>=', 1.2)] for m in 
 _THREADED[('raw-ema', '*')] = [('scaling', '>=', 1.5)]
 
 _UNITS = {'median_ms': ' ms', 'vs_seed': 'x seed', 'vs_best': 'x best', 'vs_peer': 'x same-numerics peer',
-          'pct_roof': '% roof', 'pct_limit': '% limit',
+          'pct_roof': '% roof', 'pct_limit': '% limit', 'vs_floor': 'x floor',
           'launches': ' launch'}
 
 
 def targets_for(bench, model, device, impl):
-    """Targets apply to our rows (whole-model fuse_model for fusion; not the optional NaN/Inf guard, whose cost
-    is read against our unguarded row)."""
-    if not impl.startswith('ours') or (bench == 'fuse' and 'fuse_model' not in impl) or 'skip_nonfinite' in impl:
+    """Targets apply to our rows (whole-model fuse_model for fusion; the optional NaN/Inf guard's compiled CPU rows
+    only against their floor)."""
+    if 'skip_nonfinite' in impl:
+        return _GUARD_CPU.get((bench, model), []) if device == 'cpu' and '(compiled)' in impl else []
+    if not impl.startswith('ours') or (bench == 'fuse' and 'fuse_model' not in impl):
         return []
     if bench.startswith('ul-') and 'pure torch' in impl:
         return []  # the Ultralytics targets are for the compiled path the integration runs

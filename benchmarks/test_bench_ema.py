@@ -5,7 +5,9 @@ regime of a long run), then the model is moved to a "trained" state (in-place co
 would) and stays there; every timed call is one `update(model)` after an untimed cache flush. The final
 EMA state is checked against the float64 closed form, so wrong decay, wrong direction or a skipped tensor
 fails; fp32 rows also say whether they are bit-identical to the seed. All rows are timed interleaved, with
-a same-bytes `add_` as the measured bandwidth limit of this traffic (CPU).
+a same-bytes `add_` as the measured bandwidth limit of this traffic (CPU), and read-only passes over the model's
+bytes: the NaN/Inf guard must read the whole model before it writes anything, so its floor is the unguarded
+update plus the fastest of those passes (the guarded rows' "x floor").
 """
 import contextlib
 import functools
@@ -21,6 +23,9 @@ from bench_checks import ema_err
 
 U0 = 20000
 LIMIT = 'limit: one dst.add_(src) over the same bytes'
+# Read-only passes over the model's bytes after the same flush (role 'read'): the guard's extra traffic.
+READS = {'read: one src.amax() over the model bytes': lambda src: src.amax,
+         'read: one src.sum() over the model bytes': lambda src: src.sum}
 SEED_FORMULA_PEER = 'foreach mul, mul_, add_, cached lists (seed formula, no FMA)'
 # (rtol, atol, inc_rtol): fp32 math is ~1 ulp per step; in the mixed case the seed (and Ultralytics) round
 # the increment (1-d)*m to bf16 (2^-8 relative), which inc_rtol admits and nothing else.
@@ -102,12 +107,18 @@ def test_ema(case, model_name, cfg, report, flusher, build):
             continue
         built[name] = (role, backend, ema, update)
         calls[name] = (ours.setup(role, backend, flusher), update)
+    model_bytes = sum(v.numel() * v.element_size() for v in m_ref.values())
     if cfg.device == 'cpu':
         calls[LIMIT] = (flusher, _limit_row(nbytes, mdtype))
+        src = torch.ones(model_bytes // mdtype.itemsize, dtype=mdtype)
+        calls.update({name: (flusher, make(src)) for name, make in READS.items()})
     with ours.restoring_backend():
         timings = harness.time_interleaved(calls, cfg.device, cfg.repeats, cfg.warmup)
     if LIMIT in timings:
         report.add(bench, model_name, LIMIT, 'limit', timings[LIMIT], nbytes, None, 'ok')
+    for name in READS:
+        if name in timings:
+            report.add(bench, model_name, name, 'read', timings[name], model_bytes, None, 'ok')
 
     for name, (role, backend, ema, update) in built.items():
         with ours.using(backend) if role == 'ours' else contextlib.nullcontext():
