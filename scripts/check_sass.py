@@ -2,8 +2,10 @@
 
 Each csrc/**/*.cu is compiled for one arch (sm_90 unless SASS_ARCH says otherwise) WITHOUT --fmad=false, and its
 SASS read with cuobjdump. Fails when:
-  - an EMA, guard-check, fold-weight or zero-count kernel holds a fused multiply-add (FFMA, DFMA, HFMA2, ...):
-    their math is products and sums only, which must round separately (csrc/common/rounding.h);
+  - a guard-check, fold-weight or zero-count kernel holds a fused multiply-add (FFMA, DFMA, HFMA2, ...): their
+    math is products and sums only, which must round separately (csrc/common/rounding.h);
+  - an EMA kernel holds any other than the "lerp" mode's explicit fma_rn (torch.lerp's one rounding): its count
+    must be the same with and without --fmad=false;
   - any kernel holds more of them than the same file built with --fmad=false (the shipped flag): a contraction.
     The fold's channel kernel has some in both builds, from the IEEE divide and sqrt routines, which need them.
 An FMA with a zero register as a factor is nvcc's idiom for loading a constant, not arithmetic, and is not counted.
@@ -27,7 +29,8 @@ ARCH = os.environ.get('SASS_ARCH', 'sm_90')
 # setup.py's nvcc flags and the ones torch's cpp_extension adds, less --fmad=false (added for the comparison build)
 FLAGS = ['-O3', '-std=c++17', '--expt-relaxed-constexpr', '-D__CUDA_NO_HALF_OPERATORS__',
          '-D__CUDA_NO_HALF_CONVERSIONS__', '-D__CUDA_NO_BFLOAT16_CONVERSIONS__', '-D__CUDA_NO_HALF2_OPERATORS__']
-NO_FMA = ('ema_kernel', 'nonfinite_kernel', 'fold_weights_kernel', 'count_zeros_kernel')
+NO_FMA = ('nonfinite_kernel', 'fold_weights_kernel', 'count_zeros_kernel')
+EXPLICIT_FMA_ONLY = ('ema_kernel',)  # the lerp's fma_rn, which --fmad=false keeps
 FMA = re.compile(r'\b(?:FFMA2?|DFMA|HFMA2?)(?:\.[A-Z0-9_]+)*\s+([^;]*);')
 TYPES = {'f': 'float', 'd': 'double', '6__half': 'half', '13__nv_bfloat16': 'bfloat16'}
 
@@ -102,6 +105,9 @@ def main():
                 print(f'{name:<36}{n:>26}{ref:>20}')
                 if name.split('<')[0] in NO_FMA and n:
                     failures.append(f'{name}: {n} fused multiply-adds where none may be')
+                if name.split('<')[0] in EXPLICIT_FMA_ONLY and n != ref:
+                    failures.append(f'{name}: {n} fused multiply-adds without --fmad=false, {ref} with it: only '
+                                    'explicit fma_rn may be there')
                 if n > ref:
                     failures.append(f'{name}: {n} fused multiply-adds without --fmad=false, {ref} with it (a '
                                     'contracted a * b + c)')

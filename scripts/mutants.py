@@ -49,6 +49,12 @@ MUTANTS = [
      '\n        else:\n            torch._foreach_mul_(tmp, omd)\n        torch._foreach_mul_(es, d)\n'
      '        torch._foreach_add_(es, tmp)',
      '        torch._foreach_mul_(es, d)\n        torch._foreach_add_(es, ms, alpha=omd)', TWIN),
+    ('twin lerp: product and sum rounded apart instead of torch.lerp', 'torchutils_ext/_torch_ops.py',
+     '        torch._foreach_lerp_(es, ms, omd if not isinstance(omd, torch.Tensor) else [omd] * len(ms))',
+     '        torch._foreach_add_(es, torch._foreach_mul(torch._foreach_sub(ms, es), omd))', TWIN),
+    ('twin lerp of a seed-rounding pair in the EMA dtype, not the wider one', 'torchutils_ext/_torch_ops.py',
+     '        e.copy_(torch.lerp(e.to(wide), m.to(wide), omd))',
+     '        e.copy_(torch.lerp(e, m.to(e.dtype), omd))', RELIABILITY),
     ('twin fold axis: ConvTranspose groups ignored', 'torchutils_ext/_torch_ops.py',
      '    if transposed_groups == 0:\n        return scale.view(-1, *tail)',
      '    if True:\n        return scale.view(-1, *tail) if transposed_groups == 0 else scale.view(1, -1, *tail[1:])',

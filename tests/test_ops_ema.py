@@ -78,13 +78,22 @@ def test_both_backends_agree_bitwise_on_mixed_dtypes(device):
         assert all(torch.equal(x, y) for x, y in zip(a, b)), (edt, mdt)
 
 
-def test_lerp_mode_matches_torch_lerp(backend, device):
-    ema, model = make(SHAPES, seed=9, device=device), make(SHAPES, seed=10, device=device)
-    for d in (0.3, 0.9999):
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_lerp_mode_is_torch_lerp_bit_for_bit(backend, device, dtype):
+    """Mode 'lerp' is torch.lerp(v, m, 1 - d) in every bit, and so the `torch._foreach_lerp_` that Ultralytics'
+    EMA calls: one fused multiply-add on either side of w = 0.5, half/bf16 through float, vector bodies and
+    tails, a strided pair too. (On CUDA this asserts that torch's lerp kernel is contracted to an FMA, as nvcc
+    does by default; not yet run on a GPU.)"""
+    shapes = SHAPES + [(9, 13)]
+    for d in (0.3, 0.5, 0.7, 0.9999, 0.0005, 0.123456789):  # w = 1 - d on both sides of 0.5, and 0.5 itself
+        ema, model = make(shapes, dtype, seed=9, device=device), make(shapes, dtype, seed=10, device=device)
+        ema[-1], model[-1] = ema[-1].t(), model[-1].t()  # non-contiguous
         ref = [torch.lerp(e, m, 1 - d) for e, m in zip(ema, model)]
+        fe = snapshot(ema)
+        torch._foreach_lerp_(fe, model, 1 - d)
         _ops.ema_update_(ema, model, d, mode='lerp')
-        for r, e in zip(ref, ema):
-            torch.testing.assert_close(e, r, rtol=2e-7, atol=1e-7)
+        for r, f, e in zip(ref, fe, ema):
+            assert torch.equal(e, r) and torch.equal(e, f), (dtype, d)
 
 
 def test_non_contiguous_and_channels_last(backend, device):

@@ -10,7 +10,7 @@ What it changes, in this process and in every DDP worker:
 
 - EMA: ``ultralytics.engine.trainer.ModelEMA``, the one name through which the trainer builds its EMA (in
   ``_setup_train``, and again in ``_load_checkpoint_state`` on resume and NaN recovery), becomes
-  ``UltralyticsEMA``: our fused update in mode 'lerp' (their ``_foreach_lerp_`` numerics, within one ulp) with
+  ``UltralyticsEMA``: our fused update in mode 'lerp' (their ``_foreach_lerp_``'s bits) with
   their contract (``unwrap_model``, ``teacher_model`` stripped, ``enabled``, ``update_attr(model, include=...)``).
   A callback that swapped ``trainer.ema`` once would be undone by the next rebuild; the name is not.
 - Workers: Ultralytics' DDP rebuilds the trainer in fresh processes from a pickle of its class, arguments, model
@@ -56,7 +56,7 @@ class UltralyticsEMA(ModelEMA):
     Their contract: the model is unwrapped with their ``unwrap_model`` (``torch.compile``'s ``_orig_mod`` as well
     as DP/DDP), a ``teacher_model`` attribute of the copy is set to None (distillation), ``enabled=False`` makes
     ``update`` and ``update_attr`` do nothing, ``update_attr``'s ``exclude`` defaults to ``()``, and the update
-    is a lerp, ``v += (1 - d) * (m - v)`` (``mode='lerp'``; their ``torch._foreach_lerp_``, within one ulp).
+    is a lerp, ``v += (1 - d) * (m - v)`` (``mode='lerp'``: their ``torch._foreach_lerp_`` in every bit).
     Ours on top: ``skip_nonfinite=True`` leaves the whole EMA untouched on a step where the model holds a NaN or
     Inf (``skipped`` counts them), where theirs would keep the NaN until ``save_model`` resyncs that tensor.
     """

@@ -7,11 +7,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TUE_SIMD_X86 1
 #define TUE_TARGET_AVX2 __attribute__((target("avx2")))
-#define TUE_TARGET_AVX2_F16C __attribute__((target("avx2,f16c")))
+#define TUE_TARGET_AVX2_F16C_FMA __attribute__((target("avx2,f16c,fma")))  // fma: std::fma inline
 #else
 #define TUE_SIMD_X86 0
 #define TUE_TARGET_AVX2
-#define TUE_TARGET_AVX2_F16C
+#define TUE_TARGET_AVX2_F16C_FMA
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -31,10 +31,11 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
-// AVX2 and the half <-> float conversion instructions (every AVX2 CPU has both).
-inline bool cpu_has_avx2_f16c() {
+// AVX2, the half <-> float conversions and FMA (Intel and AMD CPUs with AVX2 have all three).
+inline bool cpu_has_avx2_f16c_fma() {
 #if TUE_SIMD_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                          __builtin_cpu_supports("fma");
   return has;
 #else
   return false;

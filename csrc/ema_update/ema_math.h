@@ -1,7 +1,7 @@
-// The per-element EMA formulas and the seed's rounding steps, shared by the CPU and the CUDA kernel. Every
-// product, sum and difference rounds once (see [separate roundings] in common/rounding.h), so "yolov5" rounds
-// exactly like the seed's `v *= d; v += (1 - d) * m`, and both devices give the same bits whatever the
-// compiler's contraction flags.
+// The per-element EMA formulas and the seed's rounding steps, shared by the CPU and the CUDA kernel. In "yolov5"
+// every product, sum and difference rounds once (see [separate roundings] in common/rounding.h), exactly like the
+// seed's `v *= d; v += (1 - d) * m`; "lerp" is torch.lerp's fused multiply-add. Both devices give the same bits
+// whatever the compiler's contraction flags.
 #pragma once
 
 #include <type_traits>
@@ -26,11 +26,14 @@ TUE_HD O ema_yolov5(O v, O m, O d, O omd) {
   return add_rn(mul_rn(v, d), mul_rn(omd, m));
 }
 
-// torch.lerp(v, m, w) with w = 1 - d: the form torch uses, exact at both ends of [0, 1].
+// torch.lerp(v, m, w) with w = 1 - d, bit for bit: torch computes v + w * (m - v) for |w| < 0.5 and
+// m + (w - 1) * (m - v) otherwise, each as one fused multiply-add (its CPU vector loop, and its CUDA kernel built
+// with nvcc's default contraction), so Ultralytics' `_foreach_lerp_` EMA and ours agree in every bit. Exact at
+// both ends of [0, 1]; w - 1 is exact for w in [0.5, 1].
 template <typename O>
 TUE_HD O ema_lerp(O v, O m, O w) {
-  const O diff = sub_rn(m, v);
-  return (w < O(0.5) && w > O(-0.5)) ? add_rn(v, mul_rn(w, diff)) : sub_rn(m, mul_rn(diff, sub_rn(O(1), w)));
+  const bool small = w < O(0.5) && w > O(-0.5);  // one fma with selected operands: the loop vectorises
+  return fma_rn(small ? w : sub_rn(w, O(1)), sub_rn(m, v), small ? v : m);
 }
 
 // NOTE: [seed steps] The seed's `v *= d; v += (1 - d) * m` step by step, as torch runs it for an EMA of dtype E

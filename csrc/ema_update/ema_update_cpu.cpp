@@ -68,14 +68,14 @@ TUE_ALWAYS_INLINE void walk_halves(void* e_, const void* m_, int64_t n, F f) {
 // The same rounding either way: to nearest even.
 #if TUE_SIMD_X86
 // The first n - n % 8 elements; returns how many were done.
-TUE_TARGET_AVX2_F16C inline int half_to_float_f16c(const at::Half* p, float* out, int n) {
+TUE_TARGET_AVX2_F16C_FMA inline int half_to_float_f16c(const at::Half* p, float* out, int n) {
   int i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
   return i;
 }
 
-TUE_TARGET_AVX2_F16C inline int float_to_half_f16c(const float* in, at::Half* p, int n) {
+TUE_TARGET_AVX2_F16C_FMA inline int float_to_half_f16c(const float* in, at::Half* p, int n) {
   int i = 0;
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i),
@@ -199,13 +199,13 @@ TUE_ALWAYS_INLINE void ema_span_body(void* e, const void* m, int64_t n, double d
 }
 
 template <typename E, typename M>
-TUE_TARGET_AVX2_F16C void ema_span_avx2(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
+TUE_TARGET_AVX2_F16C_FMA void ema_span_avx2(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
   ema_span_body<true, E, M>(e, m, n, d, omd, lerp);
 }
 
 template <typename E, typename M>
 void ema_span(void* e, const void* m, int64_t n, double d, double omd, bool lerp) {
-  if (cpu_has_avx2_f16c()) return ema_span_avx2<E, M>(e, m, n, d, omd, lerp);
+  if (cpu_has_avx2_f16c_fma()) return ema_span_avx2<E, M>(e, m, n, d, omd, lerp);
   ema_span_body<false, E, M>(e, m, n, d, omd, lerp);
 }
 
