@@ -98,16 +98,17 @@ def smart_hub_load(repo='ultralytics/yolov5', model='yolov5s', **kwargs):
         return torch.hub.load(repo, model, force_reload=True, **kwargs)
 
 
+_IN_PLACE = frozenset((nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU))
+
+
 def initialize_weights(model):
-    """YOLOv5 defaults: BatchNorm2d eps=1e-3 momentum=0.03, activations in place; convs keep torch init."""
+    """YOLOv5's defaults: every BatchNorm2d gets eps=1e-3 and momentum=0.03, the Hardswish, LeakyReLU, ReLU, ReLU6
+    and SiLU activations run in place, convolutions keep torch's initialisation. Exact types, as the seed matches
+    them (a subclass is left as it is)."""
     for m in model.modules():
-        t = type(m)
-        if t is nn.Conv2d:
-            pass  # nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif t is nn.BatchNorm2d:
-            m.eps = 1e-3
-            m.momentum = 0.03
-        elif t in [nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU]:
+        if type(m) is nn.BatchNorm2d:
+            m.eps, m.momentum = 1e-3, 0.03
+        elif type(m) in _IN_PLACE:
             m.inplace = True
 
 
