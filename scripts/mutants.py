@@ -126,7 +126,7 @@ MUTANTS = [
     ('profile times the warm-up run', 'torchutils_ext/profiling.py',
      '                _step(m, x, clock)  # warm-up', '                pass  # warm-up', RESULTS),
     ('initialize_weights changes BatchNorm2d subclasses too', 'torchutils_ext/training.py',
-     'elif t is nn.BatchNorm2d:', 'elif issubclass(t, nn.BatchNorm2d):', SEED_HELPERS),
+     '        if type(m) is nn.BatchNorm2d:', '        if isinstance(m, nn.BatchNorm2d):', SEED_HELPERS),
     ('device_count on a CUDA build asks NVML first', 'torchutils_ext/device.py',
      '        if _torch_cuda_built():\n            return int(torch.cuda.device_count())',
      '        if _torch_cuda_built() and _nvml_count() is None:\n            return int(torch.cuda.device_count())',
