@@ -241,6 +241,18 @@ def test_smart_cross_entropy():
     assert smartCrossEntropyLoss().label_smoothing == 0.0
 
 
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_smart_cross_entropy_before_torch_1_10(monkeypatch, caplog, smoothing):
+    """The seed's fallback: no label smoothing before torch 1.10, and a warning when some was asked for."""
+    import torchutils_ext.training as training
+    monkeypatch.setattr(training, '_TORCH', '1.9.0')
+    with caplog.at_level(logging.WARNING, logger='torchutils_ext'):
+        loss = smartCrossEntropyLoss(label_smoothing=smoothing)
+    assert isinstance(loss, nn.CrossEntropyLoss) and loss.label_smoothing == 0.0
+    warned = [r for r in caplog.records if 'label smoothing 0.1 requires torch>=1.10.0' in r.getMessage()]
+    assert len(warned) == (1 if smoothing else 0)
+
+
 class Classify(nn.Module):  # the shape of YOLOv5's models.common.Classify head
     def __init__(self, c1, c2):
         super().__init__()
