@@ -45,7 +45,8 @@ class Report:
 
     def add(self, bench, model, impl, role, timing=None, bytes_moved=None, launches=None, check='', note='', **extra):
         """role: 'seed' | 'peer' (pure-torch / third-party competitors) | 'ours' | 'limit' (a bandwidth yardstick,
-        not a competitor) | 'read' (a read-only pass over the model: with the unguarded row, the guard's floor). timing None = row not run. extra: a bench's own columns (the training step's)."""
+        not a competitor) | 'read' (a read-only pass over the model: with the unguarded row, the guard's floor).
+        timing None = row not run. extra: a bench's own columns (the training step's)."""
         row = {'bench': bench, 'model': model, 'impl': impl, 'role': role, 'bytes': bytes_moved,
                'launches': launches, 'check': check, 'note': note, **extra}
         row.update(timing or {'median_ms': None})
@@ -68,15 +69,13 @@ class Report:
             plain = {r['impl']: r['median_ms'] for r in group if r['role'] == 'ours'}
             for r in group:
                 t = r['median_ms']
+                r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
+                                 if r['bytes'] and self.roof else None)
                 if r['role'] in ('limit', 'read'):  # yardsticks, not competitors: only their % roofline
-                    r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
-                                     if r['bytes'] and self.roof else None)
                     continue
                 r['vs_seed'] = r.get('paired_vs_seed') or (seed / t if seed else None)  # a bench's own pairing
                 r['vs_best'] = best / t if best else None
                 r['vs_peer'] = twin / t if twin else None
-                r['pct_roof'] = (100 * r['bytes'] / (self.roof['gb_per_s'] * 1e9) / (t * 1e-3)
-                                 if r['bytes'] and self.roof else None)
                 r['pct_limit'] = 100 * limit / t if limit else None
                 r['vs_floor'] = _vs_floor(r, plain, reads)
                 r['target'] = evaluate(r, self.device)
