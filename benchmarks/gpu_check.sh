@@ -56,6 +56,9 @@ quick)
   fi
   PYTEST=($PY -X faulthandler -m pytest -q -rfE -p no:cacheprovider --continue-on-collection-errors --durations=5)
   export TORCHUTILS_EXT_REQUIRE_EXT=1  # the compiled ops must load: no silent fallback to the pure-torch path
+  # The system g++ (a shared libstdc++, as torch's): the lent H200's CXX=/opt/gcc/bin/g++ linked libstdc++ into
+  # the extension statically, and every error message with a number in it then crashed (README, Building).
+  if command -v g++ >/dev/null && command -v gcc >/dev/null; then export CC=gcc CXX=g++; fi
   step build 130 env TORCHUTILS_EXT_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
   $PY -c "import torchutils_ext as t; i = t.backend_info(); print('backend:', i.get('build'), i['load_error'] or '')" \
     >> "$OUT/summary.txt" 2>&1

@@ -8,6 +8,10 @@ torch.set_num_threads(1)  # this 2-vCPU machine stalls under 2 busy threads
 
 BACKENDS = ['torch', 'ext']
 CUDA = torch.cuda.is_available()
+# The tests compare against float64 with fp32 tolerances: TF32 convolutions and matmuls (on by default for cuDNN
+# on Ampere and later) round inputs to 10 bits and would fail them on any correct kernel.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)]
 
 
@@ -30,7 +34,7 @@ def device(request):
         if 'backend' in request.fixturenames and request.getfixturevalue('backend') == 'ext' \
                 and not _ops._has_kernel('ema_update_', 'cuda'):
             pytest.skip('CUDA kernels not built')
-    return torch.device(request.param)
+    return torch.device('cuda', torch.cuda.current_device()) if request.param == 'cuda' else torch.device('cpu')
 
 
 def same_layout_clone(t):

@@ -83,7 +83,7 @@ def test_lerp_mode_is_torch_lerp_bit_for_bit(backend, device, dtype):
     """Mode 'lerp' is torch.lerp(v, m, 1 - d) in every bit, and so the `torch._foreach_lerp_` that Ultralytics'
     EMA calls: one fused multiply-add on either side of w = 0.5, half/bf16 through float, vector bodies and
     tails, a strided pair too. (On CUDA this asserts that torch's lerp kernel is contracted to an FMA, as nvcc
-    does by default; not yet run on a GPU.)"""
+    does by default; it passed on an H200, torch 2.11.)"""
     shapes = SHAPES + [(9, 13)]
     for d in (0.3, 0.5, 0.7, 0.9999, 0.0005, 0.123456789):  # w = 1 - d on both sides of 0.5, and 0.5 itself
         ema, model = make(shapes, dtype, seed=9, device=device), make(shapes, dtype, seed=10, device=device)

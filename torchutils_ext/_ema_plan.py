@@ -95,13 +95,14 @@ def _stateful():
 
 
 def _persistent(m):
-    """(container, name, value) of a module's parameters and persistent buffers, as state_dict saves them."""
+    """(container, name, value, is_buffer) of a module's parameters and persistent buffers, as state_dict saves
+    them (is_buffer rather than an identity test of the containers, which torch 2.11's dynamo cannot trace)."""
     nps = getattr(m, '_non_persistent_buffers_set', ())
     for name, v in m._parameters.items():
-        yield m._parameters, name, v
+        yield m._parameters, name, v, False
     for name, v in m._buffers.items():
         if name not in nps:
-            yield m._buffers, name, v
+            yield m._buffers, name, v, True
 
 
 def _meta(t):
@@ -203,7 +204,7 @@ class Layout:
                 self._add(full, kids, name, EDGE, ref)
                 if holds(child):
                     self._add(every_step, kids, name, EDGE, ref, len(kids))
-            for box, name, v in _persistent(m):
+            for box, name, v, is_buffer in _persistent(m):
                 if v is None:
                     self._add(every_step, box, name, NONE, size=len(box))
                 elif id(v) in seen:  # tied weights: updated once
@@ -211,7 +212,7 @@ class Layout:
                 else:
                     s = seen[id(v)] = keys[pre + name] = self._slot(v)
                     self._add(every_step, box, name, TENSOR, s, len(box))
-                    if box is not m._parameters:
+                    if is_buffer:
                         self.buffer_keys.add(pre + name)
         return keys
 
@@ -224,7 +225,7 @@ class Layout:
             for name, child in m._modules.items():
                 if child is not None and holds(child):
                     self._add(self.every_step, m._modules, name, EDGE, weakref.ref(child) if self.watching else None)
-            for box, name, v in _persistent(m):
+            for box, name, v, _ in _persistent(m):
                 if v is not None and pre + name in wanted:
                     found[pre + name] = (box, name, v)
         return found

@@ -20,7 +20,7 @@ def _entries(module, buffers, copy_ints):
     out, seen = {}, set()
     for prefix, m in module.named_modules():
         pre = prefix + '.' if prefix else ''
-        for box, name, v in _persistent(m):
+        for box, name, v, _ in _persistent(m):
             if v is None or id(v) in seen:
                 continue
             t = local(v)
